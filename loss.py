@@ -1,0 +1,135 @@
+"""Interpolants, time sampling and the REPA training objective.
+
+Time convention, used everywhere in this project (loss and samplers alike):
+    t = 0 is data, t = 1 is noise,    x_t = alpha(t) * x + sigma(t) * eps,
+and the network predicts the velocity  v = d x_t / dt = alpha'(t) * x + sigma'(t) * eps.
+
+The objective (REPA, Eq. 8) is
+    L = E ||v_theta(x_t, t, y) - v||^2  +  lambda * E[ -1/T sum_n cos(h_phi(h_t^[n]), y_*^[n]) ],
+the second term aligning each projected token of the SiT with the frozen encoder's token of the clean
+image. Both terms are returned separately so training can log them.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+PATH_TYPES = ("linear", "cosine")
+WEIGHTINGS = ("uniform", "lognormal")
+
+
+@dataclass(frozen=True)
+class Interpolant:
+    """alpha(t), sigma(t) and their derivatives for one path; t broadcasts against the data."""
+
+    path_type: str = "linear"
+
+    def __post_init__(self):
+        if self.path_type not in PATH_TYPES:
+            raise ValueError(f"unknown path_type {self.path_type!r}; choose one of {PATH_TYPES}")
+
+    def coefficients(self, t):
+        """Returns (alpha, sigma, d_alpha, d_sigma), each shaped like t."""
+        if self.path_type == "linear":
+            one = torch.ones_like(t)
+            return 1 - t, t, -one, one
+        half_pi = math.pi / 2
+        cos, sin = torch.cos(half_pi * t), torch.sin(half_pi * t)
+        return cos, sin, -half_pi * sin, half_pi * cos
+
+    def interpolate(self, x, noise, t):
+        """x_t and its velocity target for data x, noise eps and times t (broadcastable, e.g. (N,1,1,1))."""
+        alpha, sigma, d_alpha, d_sigma = self.coefficients(t)
+        return alpha * x + sigma * noise, d_alpha * x + d_sigma * noise
+
+    def score_from_velocity(self, v, x_t, t):
+        """grad log p_t(x_t) from the velocity.
+
+        With x_t = alpha x + sigma eps, E[x|x_t] and E[eps|x_t] are linked by x_t; solving v for E[eps|x_t]
+        gives eps_hat = (alpha v - alpha' x_t) / (alpha sigma' - alpha' sigma), and score = -eps_hat / sigma.
+        Algebraically the same as the official get_score_from_velocity.
+        """
+        alpha, sigma, d_alpha, d_sigma = self.coefficients(t)
+        ratio = alpha / d_alpha
+        variance = sigma**2 - ratio * d_sigma * sigma
+        return (ratio * v - x_t) / variance
+
+
+def sample_time(
+    batch_size, weighting="uniform", path_type="linear", device=None, generator=None, p_mean=0.0, p_std=1.0
+):
+    """(N,) training times in (0, 1).
+
+    uniform: t ~ U(0, 1). lognormal (EDM-style): sigma = exp(n), n ~ N(p_mean, p_std^2), mapped to the time
+    at which that noise-to-signal ratio occurs: linear t = sigma / (1 + sigma), cosine t = 2/pi atan(sigma).
+    """
+    if weighting == "uniform":
+        return torch.rand(batch_size, device=device, generator=generator)
+    if weighting == "lognormal":
+        sigma = (torch.randn(batch_size, device=device, generator=generator) * p_std + p_mean).exp()
+        if path_type == "linear":
+            return sigma / (1 + sigma)
+        if path_type == "cosine":
+            return 2 / math.pi * torch.atan(sigma)
+        raise ValueError(f"unknown path_type {path_type!r}; choose one of {PATH_TYPES}")
+    raise ValueError(f"unknown weighting {weighting!r}; choose one of {WEIGHTINGS}")
+
+
+def alignment_loss(zs_pred, zs_target):
+    """REPA alignment: negative cosine similarity per token, mean over tokens, batch and encoders.
+
+    zs_pred, zs_target: lists with one (N, T, D_k) tensor per encoder. Computed in float32 whatever the
+    autocast precision, since normalising fp16 vectors of dim 1024 loses precision.
+    """
+    if len(zs_pred) != len(zs_target):
+        raise ValueError(f"{len(zs_pred)} projector outputs but {len(zs_target)} encoder targets")
+    if not zs_pred:
+        raise ValueError("alignment_loss needs at least one encoder target")
+    losses = []
+    for k, (z, z_target) in enumerate(zip(zs_pred, zs_target)):
+        if z.shape != z_target.shape:
+            raise ValueError(
+                f"encoder {k}: projector output {tuple(z.shape)} does not match target {tuple(z_target.shape)}"
+                " (token grid or embedding dim differs)"
+            )
+        cos = (F.normalize(z.float(), dim=-1) * F.normalize(z_target.float(), dim=-1)).sum(dim=-1)  # (N, T)
+        losses.append(-cos.mean())
+    return torch.stack(losses).mean()
+
+
+@dataclass
+class LossTerms:
+    denoising: torch.Tensor  # (N,) per-sample mean squared velocity error
+    proj: torch.Tensor  # () alignment loss (0 when REPA is off)
+    total: torch.Tensor  # () denoising.mean() + proj_coeff * proj
+
+
+@dataclass
+class REPALoss:
+    """Flow matching with velocity prediction plus proj_coeff x the alignment loss."""
+
+    path_type: str = "linear"
+    weighting: str = "uniform"
+    proj_coeff: float = 0.5  # lambda in the paper
+    prediction: str = "v"
+
+    def __post_init__(self):
+        if self.prediction != "v":
+            raise ValueError(f"prediction {self.prediction!r} is not supported; REPA predicts the velocity ('v')")
+        self.interpolant = Interpolant(self.path_type)
+        sample_time(1, self.weighting, self.path_type)  # validates weighting early
+
+    def __call__(self, model, x, y, zs_target=(), generator=None):
+        """x: (N, C, H, W) clean latents; y: (N,) labels; zs_target: list of (N, T, D_k) encoder tokens."""
+        t = sample_time(x.shape[0], self.weighting, self.path_type, x.device, generator).to(x.dtype)
+        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        x_t, v_target = self.interpolant.interpolate(x, noise, t.view(-1, 1, 1, 1))
+        v_pred, zs_pred = model(x_t, t, y)
+        denoising = (v_pred.float() - v_target.float()).pow(2).mean(dim=(1, 2, 3))
+        if zs_target and self.proj_coeff != 0:
+            proj = alignment_loss(zs_pred, zs_target)
+        else:
+            proj = torch.zeros((), device=x.device)
+        return LossTerms(denoising=denoising, proj=proj, total=denoising.mean() + self.proj_coeff * proj)

@@ -1,0 +1,366 @@
+"""SiT backbone with REPA projectors.
+
+A SiT is a DiT-architecture transformer (adaLN-Zero blocks over patch tokens of a latent image) that
+predicts the velocity of a flow-matching interpolant. REPA adds one projector MLP per target encoder
+on the hidden state after block `encoder_depth`; its outputs `zs` are aligned with frozen encoder
+features of the clean image (see loss.py).
+
+State-dict keys are identical to the official REPA code, so its checkpoints (`model` or `ema` entry)
+load with strict=True. Differences from the official module, all deliberate:
+  * SiT-S works: the final layer is built at the model's own width (officially it is always 768).
+  * Attention is written here on top of `F.scaled_dot_product_attention`, with timm's key names
+    (`qkv`, `proj`, `q_norm`, `k_norm`), so `qk_norm=True` works without depending on timm internals.
+  * `pos_embed` is a persistent buffer (same key) rather than a frozen parameter, so optimizers, EMA
+    and gradient clipping never see it.
+  * Bad shapes, labels and depths raise errors that name the value.
+"""
+
+import math
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+#################################################################################
+#                         Embedders for patches, time, labels                   #
+#################################################################################
+
+
+class PatchEmbed(nn.Module):
+    """(N, C, H, W) latent -> (N, T, D) tokens with a strided conv; T = (H / p) * (W / p)."""
+
+    def __init__(self, input_size, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+        self.num_patches = (input_size // patch_size) ** 2
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding of (N,) real times -> (N, dim), [cos | sin] halves (GLIDE/DiT convention).
+
+    REPA feeds t in [0, 1] as is (no x1000 scaling); the frequencies span 1 .. 1/max_period.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+class TimestepEmbedder(nn.Module):
+    """(N,) times -> (N, D) via the 256-d sinusoidal embedding and a two-layer SiLU MLP."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t, self.frequency_embedding_size).to(t.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """(N,) class labels -> (N, D). Row `num_classes` is the null class for classifier-free guidance.
+
+    The table has a null row only when label dropout is enabled (as in the official code), so a model
+    trained without dropout cannot be guided.
+    """
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def forward(self, labels, train, force_drop_ids=None):
+        self._check(labels)
+        if force_drop_ids is not None:
+            labels = torch.where(force_drop_ids.bool(), self.num_classes, labels)
+        elif train and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, self.num_classes, labels)
+        return self.embedding_table(labels)
+
+    def _check(self, labels):
+        if labels.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"class labels must be an integer tensor, got dtype {labels.dtype}")
+        top = self.embedding_table.num_embeddings - 1  # num_classes (null) if the table has it
+        if labels.device.type == "cpu":
+            if labels.numel() and (labels.min() < 0 or labels.max() > top):
+                bad = labels[(labels < 0) | (labels > top)].unique().tolist()
+                raise ValueError(
+                    f"class label(s) {bad} out of range: this model has num_classes={self.num_classes}"
+                    + (f" (label {self.num_classes} is the null class)" if top == self.num_classes else "")
+                )
+        else:
+            # No host sync on accelerators: the check runs asynchronously on the device.
+            torch._assert_async(((labels >= 0) & (labels <= top)).all(), "class label out of range")
+
+
+#################################################################################
+#                              Transformer block                                #
+#################################################################################
+
+
+def modulate(x, shift, scale):
+    """adaLN: x (N, T, D) scaled and shifted per sample by (N, D) vectors."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with timm's parameter names; optional LayerNorm on q and k per head."""
+
+    def __init__(self, dim, num_heads, qk_norm=False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        N, T, D = x.shape
+        qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (N, heads, T, head_dim)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(N, T, D))
+
+
+class Mlp(nn.Module):
+    """Two-layer MLP with tanh-approximated GELU (keys fc1, fc2 as in timm)."""
+
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero: the condition c sets shift, scale and a residual gate."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, qk_norm=False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm then a linear map from tokens to patches of the output channels."""
+
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def build_projector(hidden_size, projector_dim, z_dim):
+    """REPA projector applied per token: Linear-SiLU-Linear-SiLU-Linear (keys 0, 2, 4)."""
+    return nn.Sequential(
+        nn.Linear(hidden_size, projector_dim),
+        nn.SiLU(),
+        nn.Linear(projector_dim, projector_dim),
+        nn.SiLU(),
+        nn.Linear(projector_dim, z_dim),
+    )
+
+
+#################################################################################
+#                                 Core SiT model                                #
+#################################################################################
+
+
+class SiT(nn.Module):
+    """Flow-matching transformer. forward(x, t, y) -> (velocity (N, C, H, W), zs [(N, T, z_dim)])."""
+
+    def __init__(
+        self,
+        input_size=32,  # latent side: 32 for 256 px images through the SD-VAE (/8)
+        patch_size=2,
+        in_channels=4,
+        hidden_size=1152,
+        depth=28,
+        num_heads=16,
+        mlp_ratio=4.0,
+        class_dropout_prob=0.1,  # label dropout for classifier-free guidance
+        num_classes=1000,
+        z_dims=(768,),  # one projector per target encoder; () for a vanilla SiT
+        encoder_depth=8,  # 1-based block whose output is projected (8 for L/XL, 4 for B in the paper)
+        projector_dim=2048,
+        qk_norm=False,
+    ):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        if z_dims and not 1 <= encoder_depth <= depth:
+            raise ValueError(f"encoder_depth must lie in 1..depth={depth}, got {encoder_depth}")
+        self.input_size = input_size
+        self.in_channels = in_channels
+        self.out_channels = in_channels
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.z_dims = list(z_dims)
+        self.encoder_depth = encoder_depth
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        # Fixed 2D sin-cos position embedding (not trained).
+        grid = input_size // patch_size
+        pos_embed = torch.tensor(get_2d_sincos_pos_embed(hidden_size, grid), dtype=torch.float32).unsqueeze(0)
+        self.register_buffer("pos_embed", pos_embed)  # (1, T, D)
+
+        self.blocks = nn.ModuleList(
+            [SiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm) for _ in range(depth)]
+        )
+        self.projectors = nn.ModuleList([build_projector(hidden_size, projector_dim, z) for z in self.z_dims])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # Xavier-uniform for every linear layer, zero biases:
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+        # Patch embedding initialised like a linear layer over the flattened patch:
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        # Label table and time MLP: small normal:
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # Zero-out adaLN modulation, so every block starts as the identity:
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        # Zero-out the output layer, so the initial prediction is 0:
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x):
+        """(N, T, p*p*C) -> (N, C, H, W)."""
+        c, p = self.out_channels, self.patch_size
+        h = w = self.input_size // p
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def _check_input(self, x, t, y):
+        expected = (self.in_channels, self.input_size, self.input_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"SiT expects input of shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
+            raise ValueError(f"t and y must have shape ({x.shape[0]},), got {tuple(t.shape)} and {tuple(y.shape)}")
+
+    def forward(self, x, t, y, force_drop_ids=None):
+        """x: (N, C, H, W) noisy latents; t: (N,) times in [0, 1]; y: (N,) labels (num_classes = null).
+
+        Returns the velocity (N, C, H, W) and a list with one (N, T, z_dim) tensor per projector.
+        """
+        self._check_input(x, t, y)
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        N, T, D = x.shape
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
+
+        zs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x, c)  # (N, T, D)
+            if i + 1 == self.encoder_depth:
+                zs = [projector(x) for projector in self.projectors]  # each (N, T, z_dim)
+        x = self.final_layer(x, c)  # (N, T, p*p*C)
+        return self.unpatchify(x), zs
+
+
+#################################################################################
+#                      Fixed 2D sine-cosine position embedding                  #
+#################################################################################
+
+
+def get_1d_sincos_pos_embed(embed_dim, pos):
+    """(M,) positions -> (M, embed_dim): [sin | cos] of pos times frequencies 1 .. 1/10000."""
+    omega = 1.0 / 10000 ** (np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0))
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)  # (M, D/2)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def get_2d_sincos_pos_embed(embed_dim, grid_size):
+    """(grid_size**2, embed_dim), row-major tokens; the first half of channels encodes the column."""
+    if embed_dim % 4:
+        raise ValueError(f"hidden_size {embed_dim} must be divisible by 4 for the 2D sin-cos embedding")
+    coords = np.arange(grid_size, dtype=np.float32)
+    grid_w, grid_h = np.meshgrid(coords, coords)  # (G, G) each; token (i, j) -> (h=i, w=j)
+    emb_w = get_1d_sincos_pos_embed(embed_dim // 2, grid_w)
+    emb_h = get_1d_sincos_pos_embed(embed_dim // 2, grid_h)
+    return np.concatenate([emb_w, emb_h], axis=1)
+
+
+#################################################################################
+#                                 Size registry                                 #
+#################################################################################
+
+# name -> (depth, hidden_size, num_heads); Gflops at 256 px with patch 2 in REPA_FACTS.md.
+SIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+SiT_models = {
+    f"SiT-{size}/{patch}": partial(SiT, depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch)
+    for size, (depth, hidden, heads) in SIT_SIZES.items()
+    for patch in (2, 4, 8)
+}
+
+
+def sit_flops(model: SiT) -> float:
+    """Analytic forward FLOPs for one sample (2 x multiply-accumulates of the matmuls).
+
+    Counts the patch embedding, every block's qkv/attention/projection/MLP/adaLN, the projectors and the
+    final layer; ignores norms, activations and embeddings of t and y (<0.1%).
+    """
+    D = model.pos_embed.shape[-1]
+    T = model.pos_embed.shape[1]
+    p, C = model.patch_size, model.in_channels
+    hidden_mlp = model.blocks[0].mlp.fc1.out_features if len(model.blocks) else 0
+    per_block = T * (3 * D * D + 2 * T * D + D * D + 2 * D * hidden_mlp) + 6 * D * D
+    macs = T * p * p * C * D + len(model.blocks) * per_block
+    for proj in model.projectors:
+        macs += T * sum(layer.in_features * layer.out_features for layer in proj if isinstance(layer, nn.Linear))
+    macs += T * D * p * p * C + 2 * D * D
+    return 2.0 * macs
