@@ -1,0 +1,179 @@
+"""The training configuration: one dataclass whose defaults are the paper's, YAML overrides, CLI flags.
+
+Precedence: dataclass defaults < `--config FILE.yaml` (a partial override) < command-line flags. Every
+field is a dashed flag (`proj_coeff` -> `--proj-coeff`), so the official REPA command lines work as is.
+Unknown YAML keys and values of the wrong type raise with the key named. The resolved config is saved
+to the run folder (config.yaml) and into every checkpoint.
+"""
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    # --- run bookkeeping ---------------------------------------------------------------------------
+    output_dir: str = "exps"  # runs go to output_dir/exp_name
+    exp_name: str = "repa"
+    report_to: str = "none"  # none | tensorboard | wandb (wandb runs offline without a login)
+    seed: int = 0
+    log_every: int = 100  # optimizer steps between stats.jsonl lines
+    checkpointing_steps: int = 50_000
+    keep_last: int = 3  # checkpoints kept on disk (0 keeps all); the latest is never deleted
+    resume: str = "auto"  # auto (latest valid checkpoint in the run folder) | none | PATH
+    resume_step: int = 0  # official flag: resume from output_dir/exp_name/checkpoints/{step:07d}.pt
+    sampling_steps: int = 10_000  # preview grids from the EMA model every this many steps
+    preview_num_steps: int = 50  # ODE (Heun) steps for previews
+    preview_cfg_scale: float = 1.0
+    # --- model (REPA_FACTS.md: SiT-XL/2, projector at block 8, DINOv2-B) ----------------------------
+    model: str = "SiT-XL/2"
+    num_classes: int = 1000
+    encoder_depth: int = 8  # 8 for SiT-L/XL, 4 for SiT-B (paper)
+    projector_dim: int = 2048
+    qk_norm: bool = False
+    fused_attn: bool = True  # official flag; attention is always SDPA here, kept so old commands parse
+    # --- alignment target ---------------------------------------------------------------------------
+    enc_type: str = "dinov2-vit-b"  # comma-separated for several encoders; "none" for vanilla SiT
+    enc_ckpt: str = ""  # local encoder weights (comma-separated, matching enc_type)
+    enc_weights: str = "pretrained"  # pretrained | random (random checks the pipeline, not the method)
+    proj_coeff: float = 0.5  # lambda; 0 trains a vanilla SiT
+    # --- objective -----------------------------------------------------------------------------------
+    path_type: str = "linear"  # linear | cosine
+    prediction: str = "v"
+    weighting: str = "uniform"  # time sampling: uniform | lognormal
+    cfg_prob: float = 0.1  # label dropout for classifier-free guidance
+    legacy: bool = False  # official --legacy: drop labels a second time in the loop (early runs only)
+    # --- data ---------------------------------------------------------------------------------------
+    data_dir: str = "data"  # holds images/ and vae-sd/ (official layout)
+    resolution: int = 256
+    pixel_space: bool = False  # train on images in [-1, 1] instead of SD-VAE latents (demo)
+    hflip: bool = False  # the paper does not flip
+    latent_scale: float = 0.18215  # SD-VAE latent scaling
+    latent_bias: float = 0.0
+    vae: str = "stabilityai/sd-vae-ft-ema"  # decoder for previews (hub name or local path)
+    num_workers: int = 4
+    # --- optimisation --------------------------------------------------------------------------------
+    batch_size: int = 256  # global batch per optimizer step, across processes and accumulation
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int = 400_000
+    epochs: int = 1400  # official flag; training stops at max_train_steps
+    learning_rate: float = 1e-4  # constant
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    ema_decay: float = 0.9999  # updated on optimizer steps only
+    max_nonfinite_steps: int = 10  # skipped steps with non-finite loss before the run stops
+    mixed_precision: str = "fp16"  # no | fp16 | bf16
+    allow_tf32: bool = True
+    compile: bool = False  # torch.compile the model
+
+    def __post_init__(self):
+        choices = {
+            "report_to": ("none", "tensorboard", "wandb"),
+            "path_type": ("linear", "cosine"),
+            "prediction": ("v",),
+            "weighting": ("uniform", "lognormal"),
+            "enc_weights": ("pretrained", "random"),
+            "mixed_precision": ("no", "fp16", "bf16"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"config key {key!r}: {getattr(self, key)!r} is not one of {allowed}")
+        if self.batch_size <= 0 or self.gradient_accumulation_steps <= 0:
+            raise ValueError("config keys 'batch_size' and 'gradient_accumulation_steps' must be positive")
+        if not 0 <= self.cfg_prob < 1:
+            raise ValueError(f"config key 'cfg_prob': {self.cfg_prob} must lie in [0, 1)")
+
+    @property
+    def encoder_names(self) -> list[str]:
+        names = [n.strip() for n in self.enc_type.split(",") if n.strip()]
+        return [] if names in ([], ["none"]) else names
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.exp_name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _field_type(f):
+    """The runtime type of a field (only bool/int/float/str are used)."""
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    if isinstance(hint, types.UnionType):
+        raise TypeError(f"config field {f.name} has a union type; keep fields simple")
+    return hint
+
+
+def _coerce(key, value, kind):
+    """Check a YAML value against the field type; ints are accepted for floats."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is bool and not isinstance(value, bool) or kind is not bool and isinstance(value, bool):
+        raise TypeError(f"config key {key!r}: expected {kind.__name__}, got {value!r}")
+    if not isinstance(value, kind):
+        raise TypeError(f"config key {key!r}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def config_from_dict(overrides: dict, base: TrainConfig | None = None, source: str = "config") -> TrainConfig:
+    """Apply a partial override to `base` (default: the paper's defaults), checking keys and types."""
+    known = {f.name: f for f in fields(TrainConfig)}
+    values = (base or TrainConfig()).to_dict()
+    for key, value in (overrides or {}).items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise KeyError(f"{source}: unknown config key {key!r}; known keys: {', '.join(sorted(known))}")
+        values[name] = _coerce(key, value, _field_type(known[name]))
+    return TrainConfig(**values)
+
+
+def load_yaml_config(path, base: TrainConfig | None = None) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return config_from_dict(data, base, source=str(path))
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`--config` plus one dashed flag per field. Bools: `--flag` sets True, `--flag false` sets False."""
+    parser = argparse.ArgumentParser(description="Train a SiT with REPA.", allow_abbrev=False)
+    parser.add_argument("--config", default=None, help="YAML file of config overrides (see configs/)")
+    for f in fields(TrainConfig):
+        kind = _field_type(f)
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=None, metavar="BOOL")
+        else:
+            parser.add_argument(flag, type=kind, default=None, help=f"default: {f.default}")
+    return parser
+
+
+def parse_config(argv=None) -> TrainConfig:
+    args = build_parser().parse_args(argv)
+    config = load_yaml_config(args.config) if args.config else TrainConfig()
+    flags = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    return config_from_dict(flags, config, source="command line")
