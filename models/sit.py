@@ -13,6 +13,7 @@ load with strict=True. Differences from the official module, all deliberate:
   * `pos_embed` is a persistent buffer (same key) rather than a frozen parameter, so optimizers, EMA
     and gradient clipping never see it.
   * Bad shapes, labels and depths raise errors that name the value.
+models/dit.py builds the DDPM-side DiT from this same class (`out_channels` = 2 x in_channels).
 """
 
 import math
@@ -67,7 +68,9 @@ class TimestepEmbedder(nn.Module):
         self.frequency_embedding_size = frequency_embedding_size
 
     def forward(self, t):
-        return self.mlp(timestep_embedding(t, self.frequency_embedding_size).to(t.dtype))
+        # Real times keep their dtype (REPA); integer timesteps (DiT's 0..999) take the MLP's dtype.
+        dtype = t.dtype if t.is_floating_point() else self.mlp[0].weight.dtype
+        return self.mlp(timestep_embedding(t, self.frequency_embedding_size).to(dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -220,6 +223,7 @@ class SiT(nn.Module):
         encoder_depth=8,  # 1-based block whose output is projected (8 for L/XL, 4 for B in the paper)
         projector_dim=2048,
         qk_norm=False,
+        out_channels=None,  # channels of the prediction; None = in_channels (DiT passes 2x for learned sigma)
     ):
         super().__init__()
         if input_size % patch_size:
@@ -228,7 +232,7 @@ class SiT(nn.Module):
             raise ValueError(f"encoder_depth must lie in 1..depth={depth}, got {encoder_depth}")
         self.input_size = input_size
         self.in_channels = in_channels
-        self.out_channels = in_channels
+        self.out_channels = in_channels if out_channels is None else out_channels
         self.patch_size = patch_size
         self.num_heads = num_heads
         self.num_classes = num_classes
@@ -288,14 +292,14 @@ class SiT(nn.Module):
     def _check_input(self, x, t, y):
         expected = (self.in_channels, self.input_size, self.input_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"SiT expects input of shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+            raise ValueError(f"{type(self).__name__} expects input of shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
         if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
             raise ValueError(f"t and y must have shape ({x.shape[0]},), got {tuple(t.shape)} and {tuple(y.shape)}")
 
     def forward(self, x, t, y, force_drop_ids=None):
         """x: (N, C, H, W) noisy latents; t: (N,) times in [0, 1]; y: (N,) labels (num_classes = null).
 
-        Returns the velocity (N, C, H, W) and a list with one (N, T, z_dim) tensor per projector.
+        Returns the velocity (N, out_channels, H, W) and a list with one (N, T, z_dim) tensor per projector.
         """
         self._check_input(x, t, y)
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
@@ -356,11 +360,11 @@ def sit_flops(model: SiT) -> float:
     """
     D = model.pos_embed.shape[-1]
     T = model.pos_embed.shape[1]
-    p, C = model.patch_size, model.in_channels
+    p, C, C_out = model.patch_size, model.in_channels, model.out_channels
     hidden_mlp = model.blocks[0].mlp.fc1.out_features if len(model.blocks) else 0
     per_block = T * (3 * D * D + 2 * T * D + D * D + 2 * D * hidden_mlp) + 6 * D * D
     macs = T * p * p * C * D + len(model.blocks) * per_block
     for proj in model.projectors:
         macs += T * sum(layer.in_features * layer.out_features for layer in proj if isinstance(layer, nn.Linear))
-    macs += T * D * p * p * C + 2 * D * D
+    macs += T * D * p * p * C_out + 2 * D * D
     return 2.0 * macs
