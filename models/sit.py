@@ -292,7 +292,9 @@ class SiT(nn.Module):
     def _check_input(self, x, t, y):
         expected = (self.in_channels, self.input_size, self.input_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"{type(self).__name__} expects input of shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"{type(self).__name__} expects input of shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
+            )
         if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
             raise ValueError(f"t and y must have shape ({x.shape[0]},), got {tuple(t.shape)} and {tuple(y.shape)}")
 
