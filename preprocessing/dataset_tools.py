@@ -1,0 +1,621 @@
+"""ImageNet -> the official REPA layout: `convert` crops images to PNG, `encode` stores SD-VAE moments.
+
+The official command lines work unchanged (new flags are optional):
+    python preprocessing/dataset_tools.py convert --source=ILSVRC/Data/CLS-LOC/train \
+        --dest=DIR/images --resolution=256x256 --transform=center-crop-dhariwal
+    python preprocessing/dataset_tools.py encode --source=DIR/images --dest=DIR/vae-sd
+Multi-process: launch the same command with `torchrun --nproc_per_node=N` or `accelerate launch`; each
+rank takes the disjoint shard items[rank::world_size] and rank 0 writes dataset.json at the end. The
+files are the same for any number of processes. A rerun of the same command skips outputs that exist
+and pass a header check, so a killed run resumes; every file is written to a temp name and renamed.
+
+Output index i is source image i in sorted order, whatever happens to the others: an image that cannot
+be converted leaves a gap (listed in report.json with the reason) instead of shifting later images.
+The layout itself is described in preprocessing/layout.py.
+"""
+
+import argparse
+import io
+import json
+import os
+import shutil
+import sys
+import warnings
+import zipfile
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+if __package__ in (None, ""):
+    # Run as `python preprocessing/dataset_tools.py` (the official command line): make the repo root
+    # importable so the `preprocessing` package resolves.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from preprocessing import layout  # noqa: E402
+
+# We check sizes ourselves (--max-pixels) so that huge images are reported, not raised from PIL.
+PIL.Image.MAX_IMAGE_PIXELS = None
+DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own DecompressionBombError threshold (2 x 89,478,485 px)
+VAE_NAMES = ("stabilityai/sd-vae-ft-mse", "stabilityai/sd-vae-ft-ema")
+
+# ---------------------------------------------------------------------------------------------------
+# Processes: one per rank under torchrun / accelerate launch, else a single one.
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Ranks:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "Ranks":
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        ranks = cls(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+        if world_size > 1 and not dist.is_initialized():
+            # gloo even on GPU machines: ranks only exchange small Python objects and barriers. The
+            # timeout is long because ranks wait at the final barrier for the slowest shard.
+            dist.init_process_group("gloo", timeout=timedelta(hours=12))
+        return ranks
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+    def gather(self, obj) -> list:
+        """The list of every rank's `obj` (on every rank)."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def _claim_dest(work_dir: str, settings: dict, ranks: Ranks) -> None:
+    """Rank 0 records the job settings in work_dir/.job.json (a rerun with others is refused) and
+    removes temp files of a killed run; every rank waits for it and stops on its verdict."""
+    problem = None
+    if ranks.rank == 0:
+        os.makedirs(work_dir, exist_ok=True)
+        job_path = os.path.join(work_dir, ".job.json")
+        if os.path.isfile(job_path):
+            with open(job_path) as f:
+                previous = json.load(f)
+            if previous != settings:
+                changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
+                problem = f"{work_dir} holds a run with other settings (previous, now): {changed}; "
+                problem += "use another --dest or delete it"
+        else:
+            layout.atomic_write(job_path, json.dumps(settings, indent=1).encode())
+        removed = layout.remove_temp_files(work_dir) if problem is None else 0
+        if removed:
+            print(f"removed {removed} temp files left by an interrupted run in {work_dir}")
+    problem = ranks.gather(problem)[0]  # doubles as the barrier
+    if problem:
+        raise SystemExit(problem)
+
+
+def _work_dir(dest: str) -> str:
+    """Folder the ranks write into: dest itself, or dest.parts/ when dest is a .zip packed at the end."""
+    return dest + ".parts" if layout.extension(dest) == ".zip" else dest
+
+
+def _finish(dest: str, extra_files: dict[str, bytes]) -> None:
+    """Write dataset.json (and friends) last; pack into the zip when dest is one (rank 0 only)."""
+    work_dir = _work_dir(dest)
+    for name, data in extra_files.items():
+        layout.atomic_write(os.path.join(work_dir, name), data)
+    if work_dir == dest:
+        return
+    temp = f"{dest}.tmp-{os.getpid()}"
+    # Uncompressed like the official archives: PNGs and .npy barely compress, and reads stay cheap.
+    with zipfile.ZipFile(temp, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name in layout.FileStore(work_dir).names():
+            if not name.startswith("."):
+                archive.write(os.path.join(work_dir, name), name)
+    os.replace(temp, dest)
+    shutil.rmtree(work_dir)
+
+
+def _zip_is_complete(dest: str, ranks: Ranks) -> bool:
+    """A finished .zip dest: it exists and holds every file its dataset.json lists."""
+    if not (layout.extension(dest) == ".zip" and os.path.isfile(dest)):
+        return False
+    store = layout.FileStore(dest)
+    labels = layout.labels_by_name(layout.read_dataset_json(store), dest) or {}
+    missing = set(labels) - set(store.names())
+    if missing:
+        raise SystemExit(f"{dest} is incomplete ({len(missing)} files of dataset.json missing); delete it")
+    if ranks.rank == 0:
+        print(f"{dest} is already complete ({len(store.names())} files); nothing to do")
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# Source images and their labels
+# ---------------------------------------------------------------------------------------------------
+
+
+def list_source(store: layout.FileStore, max_images: int | None):
+    """Sorted image names of an ImageFolder tree or zip, their labels and the class names.
+
+    Labels come from the source's dataset.json when it has one, else from the top-level folder: class
+    index = position of the folder name in sorted order (ImageNet: n01440764 -> 0, ...). They are
+    computed from names alone, before any image is decoded, so a bad image can never shift them.
+    Returns (names, labels or None, class_names or None, number of non-image files ignored).
+    """
+    all_files = store.names()
+    names = [n for n in all_files if layout.extension(n) in layout.IMAGE_EXTENSIONS]
+    ignored = len(all_files) - len(names) - (layout.DATASET_JSON in all_files)
+    if not names:
+        raise SystemExit(f"{store.path}: no image files found")
+    names = names[:max_images] if max_images is not None else names
+
+    meta = layout.read_dataset_json(store)
+    given = layout.labels_by_name(meta, store.describe(layout.DATASET_JSON))
+    if given is not None:
+        unlabelled = [n for n in names if n not in given]
+        if unlabelled:
+            raise SystemExit(f"{store.describe(layout.DATASET_JSON)} has no label for {unlabelled[:3]}")
+        return names, [given[n] for n in names], meta.get("class_names"), ignored
+
+    folders = [n.split("/")[0] if "/" in n else None for n in names]
+    if all(f is None for f in folders):
+        return names, None, None, ignored  # a flat folder: unlabelled, "labels": null as officially
+    if any(f is None for f in folders):
+        loose = [n for n, f in zip(names, folders) if f is None][:3]
+        raise SystemExit(f"{store.path}: images both in class folders and at the top level ({loose})")
+    class_names = sorted(set(folders))
+    class_index = {c: i for i, c in enumerate(class_names)}
+    return names, [class_index[f] for f in folders], class_names, ignored
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding and cropping
+# ---------------------------------------------------------------------------------------------------
+
+
+class BadImage(Exception):
+    """An image that cannot be converted soundly; the message is the reason put in the report."""
+
+
+def open_image(file, *, min_size: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS) -> PIL.Image.Image:
+    """Decode an image (path or binary file object) in its own mode, or raise BadImage: truncated or
+    corrupt files, and sizes outside [--min-size, --max-pixels] (checked before decoding)."""
+    try:
+        image = PIL.Image.open(file)
+    except (PIL.UnidentifiedImageError, OSError, ValueError) as e:
+        raise BadImage(f"not a readable image: {e}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise BadImage(f"huge: {width}x{height} exceeds --max-pixels={max_pixels}")
+    if min(width, height) < max(min_size, 1):
+        raise BadImage(f"tiny: {width}x{height} is below --min-size={max(min_size, 1)}")
+    try:
+        image.load()  # JPEG/PNG data errors (truncated file, broken stream) surface here
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImage(f"corrupt or truncated: {e}") from None
+    return image
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Any decoded mode -> RGB. Grayscale, CMYK, palette and RGBA use PIL's convert("RGB") exactly as the
+    official and ADM pipelines do (alpha is dropped, not composited; EXIF rotation is not applied)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16"):
+        # 16-bit grayscale: keep the top 8 bits (convert("RGB") would clip everything above 255).
+        gray = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
+        return PIL.Image.fromarray(gray, "L").convert("RGB")
+    if image.mode in ("I", "F"):
+        raise BadImage(f"unsupported {image.mode} mode (32-bit values have no sound 8-bit mapping)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Palette images with transparency ..." is expected here
+        return image.convert("RGB")
+
+
+def conversion_note(image: PIL.Image.Image, size: int) -> str | None:
+    """What converting this image to size x size involves, for the report (None: nothing special).
+    Reads only mode and size, so an opened but undecoded image will do."""
+    notes = []
+    if image.mode != "RGB":
+        notes.append(f"converted from {image.mode}" + (" (16-bit gray)" if image.mode.startswith("I;16") else ""))
+    if min(image.size) * 2 <= size:
+        notes.append(f"tiny: {image.size[0]}x{image.size[1]} upscaled {size / min(image.size):.1f}x")
+    return "; ".join(notes) or None
+
+
+def adm_resize_plan(width: int, height: int, size: int):
+    """Sizes the ADM center crop (openai/guided-diffusion) goes through for a width x height image.
+
+    Halve with BOX while the short side is >= 2 * size, then BICUBIC so the short side is `size`
+    (Python round(), as ADM), then crop the center. Returns (box_sizes, bicubic_size, (left, top)).
+    """
+    box_sizes = []
+    while min(width, height) >= 2 * size:
+        width, height = width // 2, height // 2
+        box_sizes.append((width, height))
+    scale = size / min(width, height)
+    bicubic = (round(width * scale), round(height * scale))
+    return box_sizes, bicubic, ((bicubic[0] - size) // 2, (bicubic[1] - size) // 2)
+
+
+def center_crop_adm(image: PIL.Image.Image, size: int) -> np.ndarray:
+    """RGB image -> (size, size, 3) uint8 with the ADM crop REPA's ImageNet data was made with."""
+    box_sizes, bicubic, (left, top) = adm_resize_plan(*image.size, size)
+    for box_size in box_sizes:
+        image = image.resize(box_size, resample=PIL.Image.Resampling.BOX)
+    image = image.resize(bicubic, resample=PIL.Image.Resampling.BICUBIC)
+    return np.asarray(image)[top : top + size, left : left + size]
+
+
+def center_crop_lanczos(image: PIL.Image.Image, size: int) -> np.ndarray:
+    """EDM's `center-crop`: the largest centered square, then one LANCZOS resize to (size, size, 3)."""
+    width, height = image.size
+    crop = min(width, height)
+    left, top = (width - crop) // 2, (height - crop) // 2
+    image = image.crop((left, top, left + crop, top + crop))
+    return np.asarray(image.resize((size, size), resample=PIL.Image.Resampling.LANCZOS))
+
+
+TRANSFORMS = {"center-crop-dhariwal": center_crop_adm, "center-crop": center_crop_lanczos}
+
+
+def _png_is_valid(path: str, size: int) -> bool:
+    """Header check of a finished output (atomic writes mean it is complete if it exists)."""
+    try:
+        with PIL.Image.open(path) as image:
+            return image.format == "PNG" and image.size == (size, size) and image.mode == "RGB"
+    except (OSError, ValueError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# convert
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _ConvertShard(torch.utils.data.Dataset):
+    """One rank's share of the conversion; item k does all the work for image indices[k] so that
+    DataLoader workers run in parallel. Returns (index, status, note) with status in
+    {"written", "skipped", "failed"} and note the conversion remark or failure reason."""
+
+    store: layout.FileStore
+    sources: list
+    indices: list
+    work_dir: str
+    size: int
+    transform: str
+    min_size: int
+    max_pixels: int
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        index = self.indices[k]
+        path = os.path.join(self.work_dir, layout.image_name(index))
+        with self.store.open(self.sources[index]) as file:
+            if _png_is_valid(path, self.size):
+                # Done by an earlier run; the source header (not its pixels) still gives the note.
+                with PIL.Image.open(file) as header:
+                    return index, "skipped", conversion_note(header, self.size)
+            try:
+                image = open_image(file, min_size=self.min_size, max_pixels=self.max_pixels)
+                note = conversion_note(image, self.size)
+                image = to_rgb(image)
+            except BadImage as e:
+                return index, "failed", str(e)
+        layout.atomic_write(path, layout.png_bytes(TRANSFORMS[self.transform](image, self.size)))
+        return index, "written", note
+
+
+def convert(args) -> int:
+    ranks = Ranks.from_env()
+    width, height = args.resolution
+    if width != height:
+        raise SystemExit(f"--resolution={width}x{height}: width and height must match for {args.transform}")
+    if _zip_is_complete(args.dest, ranks):
+        return 0
+    store = layout.FileStore(args.source)
+    sources, labels, class_names, ignored = list_source(store, args.max_images)
+    work_dir = _work_dir(args.dest)
+    settings = {
+        "command": "convert",
+        "source": os.path.abspath(args.source),
+        "resolution": width,
+        "transform": args.transform,
+        "max_images": args.max_images,
+        "min_size": args.min_size,
+        "max_pixels": args.max_pixels,
+    }
+    _claim_dest(work_dir, settings, ranks)
+
+    shard = _ConvertShard(
+        store=store,
+        sources=sources,
+        indices=list(range(ranks.rank, len(sources), ranks.world_size)),  # this rank's disjoint share
+        work_dir=work_dir,
+        size=width,
+        transform=args.transform,
+        min_size=args.min_size,
+        max_pixels=args.max_pixels,
+    )
+    loader = torch.utils.data.DataLoader(shard, batch_size=None, num_workers=args.workers)
+    outcome = {"written": 0, "skipped": 0, "failed": [], "notes": []}
+    for index, status, note in tqdm(loader, total=len(shard), desc="convert", unit="img", disable=ranks.rank != 0):
+        if status == "failed":
+            outcome["failed"].append({"index": index, "source": sources[index], "reason": note})
+        else:
+            outcome[status] += 1
+            if note:
+                outcome["notes"].append({"index": index, "source": sources[index], "note": note})
+
+    everyone = ranks.gather(outcome)
+    if ranks.rank == 0:
+        failed = sorted((f for o in everyone for f in o["failed"]), key=lambda f: f["index"])
+        notes = sorted((n for o in everyone for n in o["notes"]), key=lambda n: n["index"])
+        failed_indices = {f["index"] for f in failed}
+        kept = [i for i in range(len(sources)) if i not in failed_indices]
+        names = [layout.image_name(i) for i in kept]
+        label_list = [[n, labels[i]] for n, i in zip(names, kept)] if labels is not None else None
+        report = {
+            "source": os.path.abspath(args.source),
+            "images": len(sources),
+            "kept": len(kept),
+            "written": sum(o["written"] for o in everyone),
+            "skipped_existing": sum(o["skipped"] for o in everyone),
+            "failed": failed,
+            "notes": notes,
+            "ignored_non_image_files": ignored,
+        }
+        meta = {"class_names": class_names} if class_names is not None else {}
+        _finish(
+            args.dest,
+            {
+                "report.json": json.dumps(report, indent=1).encode(),
+                layout.DATASET_JSON: layout.dataset_json_bytes(label_list, **meta),
+            },
+        )
+        print(
+            f"convert: {len(sources)} images -> {args.dest}: {len(kept)} kept ({report['written']} written, "
+            f"{report['skipped_existing']} already done), {len(failed)} failed, {len(notes)} converted with "
+            f"a note, {ignored} non-image files ignored; details in report.json"
+        )
+        for f in failed[:10]:
+            print(f"  failed #{f['index']} {f['source']}: {f['reason']}")
+    ranks.barrier()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# encode
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_vae(name_or_path: str, device="cpu"):
+    """A frozen diffusers AutoencoderKL from a hub name (stabilityai/sd-vae-ft-mse or -ema) or a local
+    folder (its own config.json, or a pipeline folder with a vae/ sub-folder)."""
+    from diffusers.models import AutoencoderKL
+
+    kwargs = {}
+    if os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, "config.json")):
+        kwargs["subfolder"] = "vae"
+    try:
+        vae = AutoencoderKL.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise SystemExit(
+            f"could not load the VAE {name_or_path!r} (a hub name such as {VAE_NAMES[0]}, which must be in "
+            f"the local cache when offline, or a local folder with config.json): {e}"
+        ) from e
+    return vae.eval().requires_grad_(False).to(device)
+
+
+@torch.no_grad()
+def encode_moments(vae, images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) uint8 -> (N, 2C, H/f, W/f) float32: posterior mean then std (8 x 32 x 32 at 256 px)."""
+    x = images.to(torch.float32) / 127.5 - 1  # [0, 255] -> [-1, 1], the SD-VAE input range
+    posterior = vae.encode(x).latent_dist
+    return torch.cat([posterior.mean, posterior.std], dim=1).float()
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _npy_is_valid(path: str, shape: tuple) -> bool:
+    try:
+        array = np.load(path, mmap_mode="r")  # reads the header only
+        return array.shape == shape and array.dtype == np.float32
+    except (OSError, ValueError):
+        return False
+
+
+@dataclass
+class _ImageReader(torch.utils.data.Dataset):
+    """Decodes converted images in DataLoader workers: item k -> (k, (3, H, W) uint8)."""
+
+    store: layout.FileStore
+    names: list
+    positions: list
+    shape: tuple  # (H, W, 3) of the first image; every image must match it to be batched
+
+    def __len__(self):
+        return len(self.positions)
+
+    def __getitem__(self, k):
+        name = self.names[self.positions[k]]
+        with PIL.Image.open(io.BytesIO(self.store.read(name))) as image:
+            array = np.asarray(image.convert("RGB") if image.mode != "RGB" else image)
+        if array.shape != self.shape:
+            raise ValueError(f"{self.store.describe(name)} is {array.shape}, the first image is {self.shape}")
+        return k, torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+
+def _flip_dest(dest: str) -> str:
+    """vae-sd -> vae-sd-flip, vae-sd.zip -> vae-sd-flip.zip: a sibling the official reader ignores."""
+    stem, ext = (dest[:-4], ".zip") if layout.extension(dest) == ".zip" else (dest.rstrip("/"), "")
+    return f"{stem}-flip{ext}"
+
+
+def encode(args) -> int:
+    ranks = Ranks.from_env()
+    # (destination, holds mirrored-image moments); finished .zip destinations are left alone.
+    dests = [(args.dest, False)] + ([(args.flip_dest or _flip_dest(args.dest), True)] if args.flip else [])
+    dests = [(d, flipped) for d, flipped in dests if not _zip_is_complete(d, ranks)]
+    if not dests:
+        return 0
+    store = layout.FileStore(args.source)
+    names = store.names(layout.IMAGE_EXTENSIONS)[: args.max_images]
+    if not names:
+        raise SystemExit(f"{args.source}: no images to encode")
+    # Latent i belongs to image i: keep the image's own index (gaps left by convert stay gaps); fall
+    # back to the sorted position, as the official tool does, for names that carry no unique index.
+    indices = [layout.name_index(n) for n in names]
+    if None in indices or len(set(indices)) != len(indices):
+        indices = list(range(len(names)))
+    meta = layout.read_dataset_json(store)
+    labels = layout.labels_by_name(meta, store.describe(layout.DATASET_JSON))
+    if labels is not None and any(n not in labels for n in names):
+        raise SystemExit(f"{store.describe(layout.DATASET_JSON)} has no label for some images")
+
+    device = torch.device(args.device or (f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu"))
+    vae = load_vae(args.vae, device)
+    with PIL.Image.open(io.BytesIO(store.read(names[0]))) as first:
+        width, height = first.size
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for the SD-VAE
+    shape = (2 * vae.config.latent_channels, height // factor, width // factor)
+    settings = {
+        "command": "encode",
+        "source": os.path.abspath(args.source),
+        "vae": args.vae,
+        "max_images": args.max_images,
+        "shape": list(shape),
+    }
+    for dest, flipped in dests:
+        _claim_dest(_work_dir(dest), {**settings, "flipped": flipped}, ranks)
+
+    def outputs(position):
+        return [os.path.join(_work_dir(d), layout.latent_name(indices[position])) for d, _ in dests]
+
+    shard = range(ranks.rank, len(names), ranks.world_size)
+    pending = [p for p in shard if not all(_npy_is_valid(path, shape) for path in outputs(p))]
+    reader = _ImageReader(store, names, pending, (height, width, 3))
+    loader = torch.utils.data.DataLoader(reader, batch_size=args.batch_size, num_workers=args.workers)
+    progress = tqdm(
+        total=len(shard), initial=len(shard) - len(pending), desc="encode", unit="img", disable=ranks.rank != 0
+    )
+    for ks, images in loader:
+        images = images.to(device)
+        # Mirror along W (as DiT's random flip) for the flipped destination.
+        moments = [encode_moments(vae, images.flip(-1) if flipped else images) for _, flipped in dests]
+        for j, k in enumerate(ks.tolist()):
+            for path, m in zip(outputs(pending[k]), moments):
+                layout.atomic_write(path, _npy_bytes(m[j].cpu().numpy()))
+        progress.update(len(ks))
+    progress.close()
+
+    written = sum(ranks.gather(len(pending)))
+    if ranks.rank == 0:
+        latent_names = [layout.latent_name(i) for i in indices]
+        label_list = [[ln, labels[n]] for ln, n in zip(latent_names, names)] if labels is not None else None
+        extra = {"class_names": meta["class_names"]} if meta and meta.get("class_names") is not None else {}
+        for dest, flipped in dests:
+            json_bytes = layout.dataset_json_bytes(label_list, vae=args.vae, flipped=flipped, **extra)
+            _finish(dest, {layout.DATASET_JSON: json_bytes})
+        print(
+            f"encode: {len(names)} images -> {', '.join(d for d, _ in dests)}: moments {shape} float32 each, "
+            f"{written} encoded now, {len(names) - written} already done"
+        )
+    ranks.barrier()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """'256x256' or '256,256' -> (256, 256)."""
+    parts = text.replace(",", "x").split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"cannot parse resolution {text!r}; expected WxH such as 256x256")
+    return int(parts[0]), int(parts[1])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    c = commands.add_parser("convert", help="ImageFolder tree or zip -> square PNGs + dataset.json")
+    c.add_argument("--source", required=True, help="class-folder tree (ImageNet train/) or .zip")
+    c.add_argument("--dest", required=True, help="output folder (DIR/images) or .zip")
+    c.add_argument("--resolution", type=parse_resolution, default=(256, 256), help="WxH, e.g. 256x256 or 512x512")
+    c.add_argument(
+        "--transform",
+        choices=sorted(TRANSFORMS),
+        default="center-crop-dhariwal",
+        help="center-crop-dhariwal: the ADM crop REPA used",
+    )
+    c.add_argument("--max-images", type=int, default=None, help="only the first N images (sorted order)")
+    c.add_argument(
+        "--min-size",
+        type=int,
+        default=0,
+        help="report images with a shorter side below this instead of upscaling them (0: keep all, "
+        "as the official run)",
+    )
+    c.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="report larger images as huge")
+    c.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="DataLoader worker processes per rank (0: in the main process)",
+    )
+    c.set_defaults(run=convert)
+
+    e = commands.add_parser("encode", help="converted images -> SD-VAE posterior mean and std (.npy)")
+    e.add_argument("--source", required=True, help="converted images folder (DIR/images) or .zip")
+    e.add_argument("--dest", required=True, help="output folder (DIR/vae-sd) or .zip")
+    e.add_argument(
+        "--vae",
+        "--model-url",
+        dest="vae",
+        default=VAE_NAMES[0],
+        help=f"hub name ({' or '.join(VAE_NAMES)}) or local folder",
+    )
+    e.add_argument(
+        "--flip",
+        action="store_true",
+        help="also store the moments of the mirrored image in --flip-dest (the paper does not flip)",
+    )
+    e.add_argument("--flip-dest", default=None, help="default: DEST with -flip appended (DIR/vae-sd-flip)")
+    e.add_argument("--max-images", type=int, default=None, help="only the first N images (sorted order)")
+    e.add_argument("--batch-size", type=int, default=32, help="images per VAE forward pass")
+    e.add_argument("--workers", type=int, default=4, help="DataLoader worker processes decoding PNGs per rank")
+    e.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    e.set_defaults(run=encode)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
