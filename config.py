@@ -37,12 +37,17 @@ class TrainConfig:
     encoder_depth: int = 8  # 8 for SiT-L/XL, 4 for SiT-B (paper)
     projector_dim: int = 2048
     qk_norm: bool = False
+    # Custom sizes (0 = from the model name): e.g. a tiny SiT-S/4 for the demo and tests.
+    depth: int = 0
+    hidden_size: int = 0
+    num_heads: int = 0
     fused_attn: bool = True  # official flag; attention is always SDPA here, kept so old commands parse
     # --- alignment target ---------------------------------------------------------------------------
     enc_type: str = "dinov2-vit-b"  # comma-separated for several encoders; "none" for vanilla SiT
     enc_ckpt: str = ""  # local encoder weights (comma-separated, matching enc_type)
     enc_weights: str = "pretrained"  # pretrained | random (random checks the pipeline, not the method)
     proj_coeff: float = 0.5  # lambda; 0 trains a vanilla SiT
+    cache_targets: bool = False  # keep encoder tokens per item in memory (small datasets only, e.g. the demo)
     # --- objective -----------------------------------------------------------------------------------
     path_type: str = "linear"  # linear | cosine
     prediction: str = "v"

@@ -85,7 +85,7 @@ def load_model(ckpt_path, model_name=None, use_ema=True, encoder_depth=None):
         )
     state_dict = model_state_dict(ckpt, use_ema=use_ema, path=ckpt_path)
     kwargs = sit_kwargs_from_state_dict(state_dict)
-    num_heads = SiT_models[name].keywords["num_heads"]
+    num_heads = settings.get("num_heads") or SiT_models[name].keywords["num_heads"]  # custom size, else the name
     if kwargs["z_dims"]:
         kwargs["encoder_depth"] = encoder_depth or settings.get("encoder_depth", 8)
     if kwargs["num_classes"] < 1:

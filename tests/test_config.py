@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from config import TrainConfig, config_from_dict, load_yaml_config, parse_config
-from models.sit import SiT_models
+from train import MODELS
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 
@@ -77,7 +77,7 @@ def test_every_config_parses_and_builds_on_meta(path):
     c = load_yaml_config(path)
     side = c.resolution if c.pixel_space else c.resolution // 8
     with torch.device("meta"):
-        model = SiT_models[c.model](
+        model = MODELS[c.model](
             input_size=side,
             in_channels=3 if c.pixel_space else 4,
             num_classes=c.num_classes,

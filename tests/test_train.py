@@ -1,0 +1,115 @@
+"""train.py end to end on a tiny pixel-space setup: exact resume, 2 processes, non-finite steps, outputs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from checkpoints import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "demo"
+    cmd = [sys.executable, "-m", "preprocessing.make_demo_data", "--out", str(out), "--per-class", "6"]
+    cmd += ["--num-classes", "4", "--resolution", "32"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    return out
+
+
+def tiny_argv(data_dir, out_dir, **overrides):
+    options = dict(
+        model="SiT-S/8", depth=3, hidden_size=64, num_heads=2, num_classes=4, encoder_depth=2, projector_dim=64, data_dir=data_dir,
+        resolution=32, pixel_space=True, enc_type="dinov2-vit-s", enc_weights="random", batch_size=4,
+        max_train_steps=6, checkpointing_steps=3, sampling_steps=0, log_every=1, num_workers=0,
+        mixed_precision="no", output_dir=out_dir, exp_name="run", learning_rate=1e-3, keep_last=0,
+    )  # fmt: skip
+    options.update(overrides)
+    argv = []
+    for key, value in options.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return argv
+
+
+def run_train(argv):
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    return train.main(argv)
+
+
+def test_resume_is_bit_identical(demo_data, tmp_path):
+    straight = tmp_path / "straight"
+    run_train(tiny_argv(demo_data, straight))
+    split = tmp_path / "split"
+    run_train(tiny_argv(demo_data, split, max_train_steps=3))
+    run_train(tiny_argv(demo_data, split))  # --resume auto picks 0000003.pt
+    a = load_checkpoint(straight / "run" / "checkpoints" / "0000006.pt")
+    b = load_checkpoint(split / "run" / "checkpoints" / "0000006.pt")
+    for key in ("model", "ema"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
+    assert a["steps"] == b["steps"] == 6 and a["data_position"] == b["data_position"] == 24
+    # The run trained: weights moved away from the zero-initialised output layer.
+    assert a["model"]["final_layer.linear.weight"].abs().sum() > 0
+    stats = [json.loads(line) for line in (straight / "run" / "stats.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in stats] == [1, 2, 3, 4, 5, 6]
+    assert all(-1 <= s["proj_loss"] <= 1 for s in stats) and stats[0]["grad_norm"] > 0
+    assert (straight / "run" / "loss.png").stat().st_size > 0
+    assert (straight / "run" / "config.yaml").read_text().startswith("output_dir:")
+
+
+def test_corrupt_latest_checkpoint_is_skipped(demo_data, tmp_path, capsys):
+    run_train(tiny_argv(demo_data, tmp_path, max_train_steps=3, checkpointing_steps=1))
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    (ckpt_dir / "0000003.pt").write_bytes(b"truncated")
+    run_train(tiny_argv(demo_data, tmp_path, max_train_steps=4, checkpointing_steps=1))
+    err = capsys.readouterr()
+    assert "skipping unusable checkpoint" in err.out + err.err and "0000003.pt" in err.out + err.err
+    assert load_checkpoint(ckpt_dir / "0000004.pt")["steps"] == 4
+
+
+def test_official_checkpoint_fields_and_previews(demo_data, tmp_path):
+    run_train(tiny_argv(demo_data, tmp_path, max_train_steps=2, sampling_steps=2, keep_last=1, checkpointing_steps=1))
+    ckpts = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    assert [p.name for p in ckpts] == ["0000002.pt"]  # keep_last=1 pruned 0000001.pt
+    ckpt = load_checkpoint(ckpts[0])
+    assert {"model", "ema", "opt", "args", "steps"} <= set(ckpt)
+    assert ckpt["args"].proj_coeff == 0.5 and ckpt["config"]["model"] == "SiT-S/8"
+    assert (tmp_path / "run" / "samples" / "0000002.png").stat().st_size > 0
+
+
+def test_nonfinite_loss_is_skipped_then_stops(demo_data, tmp_path, monkeypatch):
+    # A learning rate of 1e30 drives the weights to inf after the first update: later losses are non-finite.
+    with pytest.raises(RuntimeError, match="non-finite loss"):
+        run_train(tiny_argv(demo_data, tmp_path, learning_rate=1e30, max_train_steps=50, max_nonfinite_steps=3))
+
+
+def test_two_processes_hold_identical_weights(demo_data, tmp_path):
+    script = tmp_path / "check_ranks.py"
+    # Each rank saves its final weights; the ranks are compared once torchrun has finished.
+    script.write_text(
+        "import os, sys, torch\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import train\n"
+        "model, ema = train.train(train.parse_config(sys.argv[1:]))\n"
+        "flat = torch.cat([p.detach().flatten() for p in list(model.parameters()) + list(ema.parameters())])\n"
+        f"torch.save(flat, {str(tmp_path)!r} + f'/rank{{os.environ[\"RANK\"]}}.pt')\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
+    cmd += tiny_argv(demo_data, tmp_path, max_train_steps=3)
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(rank0, rank1), "ranks diverged"
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "0000003.pt")
+    assert ckpt["data_position"] == 12  # 3 steps x global batch 4, split 2 + 2 over the ranks

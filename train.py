@@ -1,0 +1,453 @@
+"""Train a SiT with REPA: `accelerate launch train.py --config configs/sit-xl-2_dinov2-b.yaml [--flag value ...]`.
+
+Also runs under `torchrun --nproc_per_node N train.py ...` (the Accelerator picks the processes up) and as a
+plain `python train.py ...` on one device. Every option is a field of config.TrainConfig; the official
+REPA flags (--model, --enc-type, --proj-coeff, --encoder-depth, ...) keep their meaning.
+
+Determinism and exact resume (EDM2-style): all randomness of a step (timesteps, noise, latent sampling,
+label dropout) is drawn after reseeding from (seed, rank, data position), and the data stream depends
+only on (seed, position) (dataset.ResumableSampler). A checkpoint therefore needs no RNG state: model, EMA,
+optimizer (and fp16 loss scaler) plus the step restore the run exactly, on any number of processes for
+the data order and bit for bit on the same setup.
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from checkpoints import load_checkpoint, save_checkpoint
+from config import TrainConfig, parse_config
+from dataset import ImageLatentDataset, ResumableSampler
+from diffusion import DiffusionLoss, ddim_sampler
+from loss import REPALoss
+from models.dit import DiT_models
+from models.encoders import load_encoders
+from models.sit import SiT_models, sit_flops
+from samplers import euler_sampler
+
+CHECKPOINT_PATTERN = re.compile(r"^(\d{7})\.pt$")
+# "SiT-*" models train with flow matching (loss.py), "DiT-*" with the DDPM hybrid loss (diffusion.py).
+MODELS = {**SiT_models, **DiT_models}
+
+#################################################################################
+#                                    Helpers                                    #
+#################################################################################
+
+
+def step_seed(seed: int, rank: int, position: int) -> int:
+    """A distinct seed per (seed, rank, data position): the whole RNG state of one micro-step."""
+    return (seed * 1_000_003 + rank * 7_919 + position * 65_537) % (2**63 - 1)
+
+
+def sample_latents(x, cfg: TrainConfig):
+    """Dataset `x` -> model input. Latent mode: x holds the posterior mean and std (N, 2C, h, w); draw a
+    sample and scale it (0.18215 for the SD-VAE). Pixel mode: x already is the image in [-1, 1]."""
+    if cfg.pixel_space:
+        return x
+    mean, std = x.chunk(2, dim=1)
+    return (mean + std * torch.randn_like(mean)) * cfg.latent_scale + cfg.latent_bias
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, over parameters (buffers are fixed)."""
+    ema_params = list(ema.parameters())
+    torch._foreach_lerp_(
+        ema_params, [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)], 1 - decay
+    )
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """(index, *item): the index keys the encoder-target cache."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return (index, *self.dataset[index])
+
+
+class TargetCache:
+    """Encoder tokens per dataset item, computed the first time the item is drawn.
+
+    Frozen encoders are deterministic, so this changes nothing but speed; it costs items x T x D floats of
+    memory (the demo: 4000 x 64 x 384 x 4 B = 0.4 GB; ImageNet would need ~1 TB, use it only on small sets).
+    A resumed run refills the cache in other batch compositions, so it is exact only to float rounding.
+    """
+
+    def __init__(self, encoders):
+        self.encoders, self.store = encoders, {}
+
+    def __call__(self, indices, images):
+        keys = indices.tolist()
+        missing = [i for i, k in enumerate(keys) if k not in self.store]
+        if missing:
+            fresh = [enc.encode(images[missing]) for enc in self.encoders]  # each (M, T, D)
+            for j, i in enumerate(missing):
+                self.store[keys[i]] = [tokens[j] for tokens in fresh]
+        return [torch.stack([self.store[k][e] for k in keys]) for e in range(len(self.encoders))]
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Checkpoints named like the official ones (0050000.pt), oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if CHECKPOINT_PATTERN.match(p.name))
+
+
+def find_resume_checkpoint(cfg: TrainConfig, log) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from: --resume PATH, the official --resume-step, or the latest valid one."""
+    ckpt_dir = cfg.run_dir / "checkpoints"
+    if cfg.resume_step > 0:
+        path = ckpt_dir / f"{cfg.resume_step:07d}.pt"
+        return path, load_checkpoint(path)
+    if cfg.resume not in ("auto", "none"):
+        return Path(cfg.resume), load_checkpoint(cfg.resume)
+    if cfg.resume == "none":
+        return None, None
+    for path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            ckpt = load_checkpoint(path)
+            if not {"model", "ema", "opt", "steps"} <= set(ckpt):
+                raise KeyError(f"missing entries {sorted({'model', 'ema', 'opt', 'steps'} - set(ckpt))}")
+            return path, ckpt
+        except Exception as e:  # a partial or corrupt file: say so and fall back to the previous one
+            log(f"skipping unusable checkpoint {path}: {e}")
+    return None, None
+
+
+def prune_checkpoints(ckpt_dir: Path, keep_last: int):
+    if keep_last > 0:
+        for path in list_checkpoints(ckpt_dir)[:-keep_last]:
+            path.unlink(missing_ok=True)
+
+
+def peak_memory_gib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB
+
+
+def load_preview_decoder(cfg: TrainConfig, device, log):
+    """Latents -> images in [0, 1] for previews: the identity map in pixel space, else the SD-VAE decoder.
+
+    A missing VAE (offline, no cache) must not stop training: previews are skipped with a warning.
+    """
+    if cfg.pixel_space:
+        return lambda x: (x + 1) / 2
+    try:
+        from diffusers.models import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(cfg.vae).to(device).eval()
+    except Exception as e:
+        log(f"WARNING: cannot load the VAE {cfg.vae!r} for preview grids ({type(e).__name__}: {e}); previews are off")
+        return None
+    return lambda z: (vae.decode((z - cfg.latent_bias) / cfg.latent_scale).sample + 1) / 2
+
+
+def save_loss_plot(stats_path: Path, png_path: Path):
+    """loss and proj_loss against steps from stats.jsonl (matplotlib, headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in stats_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, [r["loss"] for r in rows], label="flow-matching loss")
+    ax.plot(steps, [r["proj_loss"] for r in rows], label="alignment loss (-cos)")
+    ax.set_xlabel("optimizer step")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+
+
+#################################################################################
+#                                 Training loop                                 #
+#################################################################################
+
+
+def train(cfg: TrainConfig):
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_dir=str(cfg.run_dir),
+    )
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    is_main = accelerator.is_main_process
+
+    def log(message):
+        if is_main:
+            tqdm.write(message)
+
+    if device.type == "cuda" and cfg.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    micro_global = cfg.batch_size // cfg.gradient_accumulation_steps  # images per micro-step, all ranks
+    if cfg.batch_size % (world * cfg.gradient_accumulation_steps):
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} must be divisible by processes ({world}) x "
+            f"--gradient-accumulation-steps ({cfg.gradient_accumulation_steps})"
+        )
+    run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
+    if is_main:
+        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    set_seed(cfg.seed)  # model init is identical on every rank (DDP also broadcasts it)
+
+    # Data: images (for the encoders) with latent moments or pixels, and an exactly resumable order.
+    dataset = ImageLatentDataset(cfg.data_dir, latents=not cfg.pixel_space, flip=cfg.hflip)
+    image_side = dataset.image_shape[-1]
+    if image_side != cfg.resolution:
+        raise ValueError(f"--resolution {cfg.resolution} but {cfg.data_dir} holds {image_side} px images")
+    if dataset.num_classes > cfg.num_classes:
+        raise ValueError(f"{cfg.data_dir} has {dataset.num_classes} classes but --num-classes is {cfg.num_classes}")
+
+    # Frozen encoders give the alignment targets; none for a vanilla SiT (proj_coeff 0 or enc_type none).
+    in_channels, input_side = dataset.x_shape[0] // (1 if cfg.pixel_space else 2), dataset.x_shape[-1]
+    if cfg.model not in MODELS:
+        raise ValueError(f"--model {cfg.model!r} is unknown; choose one of {', '.join(MODELS)}")
+    is_dit = cfg.model in DiT_models
+    use_repa = cfg.proj_coeff > 0 and bool(cfg.encoder_names)
+    encoders = []
+    if use_repa:
+        # The encoder's token grid must equal the SiT's: at 256 px, 32x32 latents / patch 2 = 16x16, which
+        # the encoders give at their "256 px" setting (grid = resolution / 16). Deriving the encoder setting
+        # from the SiT grid keeps that true for pixel-space runs too (the demo: 32 px / patch 4 -> 8x8).
+        patch = MODELS[cfg.model].keywords["patch_size"]
+        if input_side % patch:
+            raise ValueError(f"--model {cfg.model}: patch {patch} does not divide the {input_side}px input")
+        enc_resolution = 16 * (input_side // patch)
+        encoders = load_encoders(
+            cfg.enc_type, device, enc_resolution, ckpt_path=cfg.enc_ckpt or None, enc_weights=cfg.enc_weights
+        )
+    size_overrides = {k: v for k in ("depth", "hidden_size", "num_heads") if (v := getattr(cfg, k))}
+    model = MODELS[cfg.model](
+        **size_overrides,
+        input_size=input_side,
+        in_channels=in_channels,
+        num_classes=cfg.num_classes,
+        class_dropout_prob=cfg.cfg_prob,
+        z_dims=[enc.embed_dim for enc in encoders],
+        encoder_depth=cfg.encoder_depth,
+        projector_dim=cfg.projector_dim,
+        qk_norm=cfg.qk_norm,
+    ).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay,
+        eps=cfg.adam_epsilon,
+    )
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"{cfg.model}: {n_params / 1e6:.2f}M parameters, {sit_flops(model) / 1e9:.2f} GFLOPs per image forward")
+
+    # Resume before wrapping, so every rank loads the same state.
+    step, nonfinite_steps = 0, 0
+    position = 0  # items drawn from the data stream, all ranks (differs from step x batch after skips)
+    resume_path, ckpt = find_resume_checkpoint(cfg, log)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["opt"])
+        step = int(ckpt["steps"])
+        nonfinite_steps = int(ckpt.get("nonfinite_steps", 0))
+        position = int(ckpt.get("data_position", step * cfg.batch_size))
+        log(f"resumed from {resume_path} at step {step}")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if ckpt is not None and accelerator.scaler is not None and "scaler" in ckpt:
+        accelerator.scaler.load_state_dict(ckpt["scaler"])
+    del ckpt
+    if cfg.compile:
+        model = torch.compile(model)
+    raw_model = accelerator.unwrap_model(model)
+
+    sampler = ResumableSampler(len(dataset), micro_global, cfg.seed, rank, world, start_index=position)
+    loader = DataLoader(
+        IndexedDataset(dataset),
+        batch_size=sampler.local_batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        persistent_workers=cfg.num_workers > 0,
+    )
+    if is_dit:
+        loss_fn = DiffusionLoss(proj_coeff=cfg.proj_coeff)
+    else:
+        loss_fn = REPALoss(path_type=cfg.path_type, weighting=cfg.weighting, proj_coeff=cfg.proj_coeff)
+    autocast = accelerator.autocast  # encoders run in the training precision too
+    cache = TargetCache(encoders) if cfg.cache_targets and encoders else None
+
+    # Previews: the same noise and labels every time, sampled from the EMA weights.
+    decode = load_preview_decoder(cfg, device, log) if is_main and cfg.sampling_steps > 0 else None
+    preview_gen = torch.Generator().manual_seed(cfg.seed)
+    n_preview = 16
+    preview_noise = torch.randn((n_preview, in_channels, input_side, input_side), generator=preview_gen).to(device)
+    preview_labels = (torch.arange(n_preview) % cfg.num_classes).to(device)
+
+    if accelerator.trackers:
+        accelerator.init_trackers(cfg.exp_name, config=cfg.to_dict())
+    stats_path = run_dir / "stats.jsonl"
+    window = dict(loss=0.0, proj_loss=0.0, grad_norm=0.0, micro=0, opt_steps=0, start=time.time())
+    data_iter = iter(loader)
+    progress = tqdm(total=cfg.max_train_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
+    model.train()
+
+    while step < cfg.max_train_steps:
+        # ---- one optimizer step over gradient_accumulation_steps micro-batches ----
+        step_finite = True
+        for _ in range(cfg.gradient_accumulation_steps):
+            torch.manual_seed(step_seed(cfg.seed, rank, position))  # all randomness of this micro-step
+            indices, images, x, labels = (t.to(device, non_blocking=True) for t in next(data_iter))
+            position += micro_global
+            x = sample_latents(x, cfg)
+            if cfg.legacy:
+                # Official --legacy: the loop drops labels with cfg_prob, then the model drops them again,
+                # so the effective rate is 1 - (1 - p)^2 (0.19 for p = 0.1). Only to reproduce early runs.
+                drop = torch.rand(labels.shape[0], device=device) < cfg.cfg_prob
+                labels = torch.where(drop, cfg.num_classes, labels)
+            with torch.no_grad(), autocast():
+                zs_target = cache(indices, images) if cache else [enc.encode(images) for enc in encoders]
+            with accelerator.accumulate(model), autocast():
+                terms = loss_fn(model, x, labels, zs_target)
+                finite = torch.isfinite(terms.total.detach()).float()
+                finite = bool(accelerator.reduce(finite, reduction="sum") == world)  # all ranks agree
+                step_finite = step_finite and finite
+                # A non-finite loss still runs a (zero) backward, so DDP's gradient reduction stays in step.
+                loss = terms.total if finite else sum(p.sum() for p in model.parameters()) * 0.0
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if step_finite:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            if finite:
+                window["loss"] += terms.denoising.mean().item()
+                window["proj_loss"] += terms.proj.item()
+                window["micro"] += 1
+
+        if not step_finite:
+            nonfinite_steps += 1
+            log(f"step {step}: non-finite loss, update skipped ({nonfinite_steps}/{cfg.max_nonfinite_steps})")
+            if nonfinite_steps >= cfg.max_nonfinite_steps:
+                raise RuntimeError(
+                    f"{nonfinite_steps} optimizer steps had a non-finite loss; stopping. Lower --learning-rate, "
+                    "use --mixed-precision bf16, or resume from an earlier checkpoint."
+                )
+            continue
+        if accelerator.optimizer_step_was_skipped:
+            continue  # fp16 loss-scale overflow: the scaler lowered its scale; not a training step
+        update_ema(ema, raw_model, cfg.ema_decay)
+        step += 1
+        progress.update(1)
+        window["grad_norm"] += float(grad_norm)
+        window["opt_steps"] += 1
+
+        # ---- logging: means over the window, all ranks ----
+        if step % cfg.log_every == 0 or step == cfg.max_train_steps:
+            sums = torch.tensor(
+                [window["loss"], window["proj_loss"], window["micro"]], device=device, dtype=torch.float64
+            )
+            sums = accelerator.reduce(sums, reduction="sum")
+            elapsed = time.time() - window["start"]
+            stats = {
+                "step": step,
+                "loss": (sums[0] / sums[2].clamp(min=1)).item(),
+                "proj_loss": (sums[1] / sums[2].clamp(min=1)).item(),
+                "grad_norm": window["grad_norm"] / max(window["opt_steps"], 1),
+                "lr": optimizer.param_groups[0]["lr"],
+                "img_per_s": window["opt_steps"] * cfg.batch_size / max(elapsed, 1e-9),
+                "peak_mem_gib": peak_memory_gib(device),
+                "nonfinite_steps": nonfinite_steps,
+            }
+            if is_main:
+                with stats_path.open("a") as f:
+                    f.write(json.dumps(stats) + "\n")
+                progress.set_postfix(loss=f"{stats['loss']:.4f}", proj=f"{stats['proj_loss']:.4f}")
+            accelerator.log({k: v for k, v in stats.items() if k != "step"}, step=step)
+            window = dict(loss=0.0, proj_loss=0.0, grad_norm=0.0, micro=0, opt_steps=0, start=time.time())
+
+        # ---- previews from the EMA model ----
+        if cfg.sampling_steps > 0 and (step % cfg.sampling_steps == 0 or step == cfg.max_train_steps):
+            if is_main and decode is not None:
+                from torchvision.utils import save_image
+
+                with autocast():
+                    common = dict(num_steps=cfg.preview_num_steps, cfg_scale=cfg.preview_cfg_scale)
+                    if is_dit:
+                        z = ddim_sampler(ema, preview_noise, preview_labels, **common)
+                    else:
+                        z = euler_sampler(ema, preview_noise, preview_labels, heun=True, path_type=cfg.path_type, **common)  # fmt: skip
+                    images_out = decode(z.float()).clamp(0, 1)
+                save_image(images_out.float(), run_dir / "samples" / f"{step:07d}.png", nrow=int(math.sqrt(n_preview)))
+            accelerator.wait_for_everyone()
+
+        # ---- checkpoints: official keys + what exact resume needs ----
+        if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
+            if is_main:
+                state = {
+                    "model": raw_model.state_dict(),
+                    "ema": ema.state_dict(),
+                    "opt": optimizer.state_dict(),
+                    "args": argparse.Namespace(**cfg.to_dict()),  # official field: readable by REPA's scripts
+                    "steps": step,
+                    "config": cfg.to_dict(),
+                    "nonfinite_steps": nonfinite_steps,
+                    "data_position": position,
+                }
+                if accelerator.scaler is not None:
+                    state["scaler"] = accelerator.scaler.state_dict()
+                save_checkpoint(state, ckpt_dir / f"{step:07d}.pt")
+                prune_checkpoints(ckpt_dir, cfg.keep_last)
+                if stats_path.exists():
+                    save_loss_plot(stats_path, run_dir / "loss.png")
+            accelerator.wait_for_everyone()
+
+    progress.close()
+    accelerator.end_training()
+    log(f"done: {step} steps; run folder {run_dir}")
+    return raw_model, ema
+
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    if cfg.report_to == "wandb" and not os.environ.get("WANDB_API_KEY"):
+        os.environ.setdefault("WANDB_MODE", "offline")  # no login needed; `wandb sync` uploads later
+    if cfg.enc_weights == "random" and cfg.encoder_names and cfg.proj_coeff > 0:
+        warnings.warn(
+            "RANDOM ENCODER WEIGHTS (--enc-weights random): the alignment targets are features of an untrained "
+            "network. This checks the pipeline; it does not reproduce REPA.",
+            stacklevel=1,
+        )
+    train(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
