@@ -32,9 +32,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoints import load_checkpoint, model_state_dict
-from models.sit import SiT, SiT_models
+from diffusion import ddim_sampler, ddpm_sampler
+from models import MODELS
+from models.dit import DiT, DiT_models
+from models.sit import SiT
 from samplers import euler_maruyama_sampler, euler_sampler
 
+# Sampling modes: flow-matching SiTs integrate the ODE or SDE; DDPM-trained DiTs run ancestral DDPM or DDIM.
+SIT_MODES, DIT_MODES = ("ode", "sde"), ("ddpm", "ddim")
 VAE_NAMES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 
 #################################################################################
@@ -79,18 +84,21 @@ def load_model(ckpt_path, model_name=None, use_ema=True, encoder_depth=None):
     elif isinstance(ckpt, dict) and "args" in ckpt:
         settings = vars(ckpt["args"])  # official REPA checkpoints (argparse.Namespace)
     name = model_name or settings.get("model")
-    if name not in SiT_models:
-        raise ValueError(
-            f"{ckpt_path}: model {name!r} unknown or not recorded; pass --model (one of {list(SiT_models)})"
-        )
+    if name not in MODELS:
+        raise ValueError(f"{ckpt_path}: model {name!r} unknown or not recorded; pass --model (one of {list(MODELS)})")
     state_dict = model_state_dict(ckpt, use_ema=use_ema, path=ckpt_path)
     kwargs = sit_kwargs_from_state_dict(state_dict)
-    num_heads = settings.get("num_heads") or SiT_models[name].keywords["num_heads"]  # custom size, else the name
+    num_heads = settings.get("num_heads") or MODELS[name].keywords["num_heads"]  # custom size, else the name
     if kwargs["z_dims"]:
         kwargs["encoder_depth"] = encoder_depth or settings.get("encoder_depth", 8)
     if kwargs["num_classes"] < 1:
         raise ValueError(f"{ckpt_path}: the label table has no null row, so the model cannot be guided")
-    model = SiT(num_heads=num_heads, **kwargs)
+    if name in DiT_models:
+        # learned sigma doubles the output channels: [eps | variance interpolation]
+        out = state_dict["final_layer.linear.weight"].shape[0] // kwargs["patch_size"] ** 2
+        model = DiT(num_heads=num_heads, learn_sigma=out == 2 * kwargs["in_channels"], **kwargs)
+    else:
+        model = SiT(num_heads=num_heads, **kwargs)
     model.load_state_dict(state_dict, strict=True)
     return model.eval(), {**settings, "model": name}
 
@@ -167,7 +175,7 @@ def build_parser():
     p.add_argument("--num-fid-samples", type=int, default=50_000)
     p.add_argument("--batch-size", "--per-proc-batch-size", type=int, default=64, help="images per batch")
     p.add_argument("--global-seed", type=int, default=0)
-    p.add_argument("--mode", choices=("ode", "sde"), default="sde")
+    p.add_argument("--mode", choices=SIT_MODES + DIT_MODES, default=None, help="default: sde (SiT), ddpm (DiT)")
     p.add_argument("--num-steps", type=int, default=250)
     p.add_argument("--heun", action="store_true", help="Heun's method for the ODE")
     p.add_argument("--cfg-scale", type=float, default=1.0)
@@ -219,7 +227,15 @@ def main(argv=None):
             f"{n} samples in {len(batches)} batches of {bs} on {world} process(es); {len(mine) - len(todo)} of rank 0's done"
         )
     shape = (model.in_channels, model.input_size, model.input_size)
-    sampler = euler_maruyama_sampler if args.mode == "sde" else euler_sampler
+    is_dit = isinstance(model, DiT)
+    args.mode = args.mode or ("ddpm" if is_dit else "sde")
+    if args.mode not in (DIT_MODES if is_dit else SIT_MODES):
+        raise ValueError(
+            f"--mode {args.mode} does not apply to {settings['model']}; use one of {DIT_MODES if is_dit else SIT_MODES}"
+        )
+    sampler = {"sde": euler_maruyama_sampler, "ode": euler_sampler, "ddpm": ddpm_sampler, "ddim": ddim_sampler}[
+        args.mode
+    ]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     start = time.time()
     for indices in tqdm(todo, disable=rank != 0, desc="sampling", dynamic_ncols=True):
@@ -227,10 +243,12 @@ def main(argv=None):
         noise = torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])
         y = torch.from_numpy(labels_all[indices.start : indices.stop]).to(device)
         kwargs = dict(
-            num_steps=args.num_steps, heun=args.heun, cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
-            guidance_high=args.guidance_high, path_type=path_type,
+            num_steps=args.num_steps, cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
+            guidance_high=args.guidance_high,
         )  # fmt: skip
-        if args.mode == "sde":
+        if not is_dit:
+            kwargs |= dict(heun=args.heun, path_type=path_type)
+        if args.mode in ("sde", "ddpm", "ddim"):
             kwargs["generator"] = gens
         with torch.no_grad(), autocast:
             z = sampler(model, noise, y, **kwargs)

@@ -33,14 +33,13 @@ from config import TrainConfig, parse_config
 from dataset import ImageLatentDataset, ResumableSampler
 from diffusion import DiffusionLoss, ddim_sampler
 from loss import REPALoss
+from models import MODELS
 from models.dit import DiT_models
 from models.encoders import load_encoders
-from models.sit import SiT_models, sit_flops
+from models.sit import sit_flops
 from samplers import euler_sampler
 
 CHECKPOINT_PATTERN = re.compile(r"^(\d{7})\.pt$")
-# "SiT-*" models train with flow matching (loss.py), "DiT-*" with the DDPM hybrid loss (diffusion.py).
-MODELS = {**SiT_models, **DiT_models}
 
 #################################################################################
 #                                    Helpers                                    #

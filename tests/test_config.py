@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from config import TrainConfig, config_from_dict, load_yaml_config, parse_config
-from train import MODELS
+from models import MODELS
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 

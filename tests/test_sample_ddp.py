@@ -94,3 +94,21 @@ def test_one_and_two_processes_give_the_same_npz_and_resume_fills_gaps(tmp_path,
         (one / f"{i:06d}.png").unlink()
     sample_ddp.main(["--ckpt", str(ckpt), "--sample-dir", str(one), "--mode", mode, *SAMPLE_ARGS, "--cfg-scale", "2"])
     assert one.with_suffix(".npz").read_bytes() == npz_one
+
+
+def test_dit_checkpoint_samples_with_ddpm(tmp_path):
+    torch.manual_seed(0)
+    from models.dit import DiT_models
+
+    model = DiT_models["DiT-S/8"](input_size=16, in_channels=3, num_classes=5, z_dims=[], depth=2)
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.05)
+    config = {"model": "DiT-S/8", "pixel_space": True, "depth": 2}
+    save_checkpoint({"model": model.state_dict(), "ema": model.state_dict(), "config": config}, tmp_path / "dit.pt")
+    loaded, _ = sample_ddp.load_model(tmp_path / "dit.pt")
+    assert loaded.learn_sigma and loaded.out_channels == 6
+    out = tmp_path / "samples"
+    sample_ddp.main(["--ckpt", str(tmp_path / "dit.pt"), "--sample-dir", str(out), *SAMPLE_ARGS, "--cfg-scale", "1.5"])
+    arrays = np.load(out.with_suffix(".npz"))["arr_0"]
+    assert arrays.shape == (10, 16, 16, 3) and arrays.std() > 0
+    with pytest.raises(ValueError, match="--mode sde does not apply to DiT-S/8"):
+        sample_ddp.main(["--ckpt", str(tmp_path / "dit.pt"), "--sample-dir", str(out), "--mode", "sde", *SAMPLE_ARGS])

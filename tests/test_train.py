@@ -113,3 +113,12 @@ def test_two_processes_hold_identical_weights(demo_data, tmp_path):
     assert torch.equal(rank0, rank1), "ranks diverged"
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "0000003.pt")
     assert ckpt["data_position"] == 12  # 3 steps x global batch 4, split 2 + 2 over the ranks
+
+
+def test_dit_trains_with_the_diffusion_loss(demo_data, tmp_path):
+    run_train(
+        tiny_argv(demo_data, tmp_path, model="DiT-S/8", max_train_steps=2, checkpointing_steps=2, sampling_steps=2)
+    )
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "0000002.pt")
+    assert ckpt["model"]["final_layer.linear.weight"].shape[0] == 8 * 8 * 2 * 3  # learned sigma: 2 x channels
+    assert (tmp_path / "run" / "samples" / "0000002.png").exists()
