@@ -1,0 +1,343 @@
+"""ADM-compatible evaluation of a sample batch against a reference batch.
+
+    python -m evaluations.evaluate VIRTUAL_imagenet256_labeled.npz samples.npz [--json metrics.json]
+
+Both files are ADM batches: `arr_0` holds uint8 NHWC images; a reference batch may also (or instead)
+hold precomputed `mu`, `sigma` (pool_3) and `mu_s`, `sigma_s` (sFID) statistics, which then take
+precedence over statistics computed from its images, as in ADM's evaluator. Precision and recall need
+the reference images. Prints ADM's metric lines (Inception Score, FID, sFID, Precision, Recall) and,
+with --json, writes them with the settings that produced them.
+
+Reference activations are expensive (10K images through Inception), so they are cached next to the
+reference file as `<name>.refstats-<weights sha>.npz`, keyed on the Inception weights' SHA-256 and
+checked against the reference file's size and modification time.
+"""
+
+import argparse
+import json
+import os
+import sys
+import warnings
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from evaluations.inception import POOL_DIM, SPATIAL_DIM, WEIGHTS_FLAG, InceptionV3, load_inception
+from evaluations.metrics import feature_statistics, frechet_distance, inception_score, precision_recall
+
+CACHE_FORMAT = 1  # bump when the cache's contents change meaning
+
+# ----------------------------------------------------------------------------------------------------
+# Reading ADM batches without loading 50K images at once
+# ----------------------------------------------------------------------------------------------------
+
+
+class NpzImages:
+    """An `arr_0` array of an .npz, read in batches from the zip stream (50K x 256^2 x 3 is ~10 GB)."""
+
+    def __init__(self, stream, shape, dtype):
+        self.stream, self.shape, self.dtype = stream, tuple(shape), np.dtype(dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        for start in range(0, len(self), batch_size):
+            count = min(batch_size, len(self) - start)
+            data = bytearray(count * row_bytes)  # writable, so torch.from_numpy takes it as is
+            view, filled = memoryview(data), 0
+            while filled < len(data):  # zip streams may return short reads
+                got = self.stream.readinto(view[filled:])
+                if not got:
+                    raise ValueError(f"truncated array data: expected {len(data)} bytes, got {filled}")
+                filled += got
+            yield np.frombuffer(data, dtype=self.dtype).reshape(count, *self.shape[1:])
+
+
+class _InMemory:
+    # Stands in for the zip stream when the array had to be loaded whole (Fortran order, npy format 3).
+    def __init__(self, array):
+        self.buffer = memoryview(np.ascontiguousarray(array)).cast("B")
+        self.offset = 0
+
+    def readinto(self, view) -> int:
+        count = min(len(view), len(self.buffer) - self.offset)
+        view[:count] = self.buffer[self.offset : self.offset + count]
+        self.offset += count
+        return count
+
+
+@contextmanager
+def open_images(path: Path, key: str = "arr_0"):
+    """Yields an NpzImages over `key` of the .npz at `path`, checked to be uint8 (N, H, W, 3)."""
+    with zipfile.ZipFile(path) as archive:
+        member = f"{key}.npy"
+        if member not in archive.namelist():
+            raise KeyError(f"{path}: no array '{key}' (arrays: {[n[:-4] for n in archive.namelist()]})")
+        with archive.open(member) as stream:
+            version = np.lib.format.read_magic(stream)
+            shape, fortran_order, dtype = None, True, None
+            if version in ((1, 0), (2, 0)):
+                read_header = getattr(np.lib.format, f"read_array_header_{version[0]}_0")
+                shape, fortran_order, dtype = read_header(stream)
+            if fortran_order:  # also npy format 3, whose header has no public reader: load it whole
+                with np.load(path) as npz:
+                    array = npz[key]
+                shape, dtype, stream = array.shape, array.dtype, _InMemory(array)
+            if np.dtype(dtype) != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+                raise ValueError(
+                    f"{path}: '{key}' must be uint8 images of shape (N, H, W, 3) as in ADM batches, "
+                    f"got dtype {dtype} and shape {shape}"
+                )
+            yield NpzImages(stream, shape, dtype)
+
+
+def compute_activations(
+    model: InceptionV3, path: Path, batch_size: int, device: torch.device, desc: str
+) -> dict[str, np.ndarray]:
+    """Inception features of every image in `arr_0` of `path`: pool (N, 2048), logits (N, 1008), spatial (N, 2023)."""
+    outputs = {"pool": [], "logits": [], "spatial": []}
+    with open_images(path) as images, tqdm(total=len(images), desc=desc, unit="img") as progress:
+        for batch in images.batches(batch_size):
+            x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
+            features = model(x)
+            for name in outputs:
+                outputs[name].append(getattr(features, name).cpu().numpy())
+            progress.update(len(batch))
+    return {name: np.concatenate(parts) for name, parts in outputs.items()}
+
+
+def precomputed_statistics(path: Path) -> dict[str, np.ndarray]:
+    """The `mu`, `sigma`, `mu_s`, `sigma_s` arrays that `path` holds (any subset), shape-checked."""
+    expected = {"mu": (POOL_DIM,), "sigma": (POOL_DIM, POOL_DIM), "mu_s": (SPATIAL_DIM,)}
+    expected["sigma_s"] = (SPATIAL_DIM, SPATIAL_DIM)
+    found = {}
+    with np.load(path) as npz:
+        for key, shape in expected.items():
+            if key in npz.files:
+                found[key] = npz[key].astype(np.float64)
+                if found[key].shape != shape:
+                    raise ValueError(f"{path}: '{key}' has shape {found[key].shape}, expected {shape}")
+    for mean, cov in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        if (mean in found) != (cov in found):
+            raise ValueError(f"{path}: holds '{mean if mean in found else cov}' without its pair '{cov}'/'{mean}'")
+    return found
+
+
+def _statistics(path: Path, summary: dict[str, np.ndarray] | None) -> tuple[dict, str]:
+    # ADM's rule: statistics stored in the file win over those of its images (`summary`, None if none).
+    stats = precomputed_statistics(path)
+    sources = {"fid": "file" if "mu" in stats else "images", "sfid": "file" if "mu_s" in stats else "images"}
+    if summary is None and not ("mu" in stats and "mu_s" in stats):
+        raise ValueError(f"{path}: needs 'arr_0' images or precomputed 'mu', 'sigma', 'mu_s', 'sigma_s'")
+    for mean, cov in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        if mean not in stats:
+            stats[mean], stats[cov] = summary[mean], summary[cov]
+    return stats, f"FID stats from {sources['fid']}, sFID stats from {sources['sfid']}"
+
+
+def _summarise(activations: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    # What the metrics need from a batch's activations: pool features and both Gaussians.
+    mu, sigma = feature_statistics(activations["pool"])
+    mu_s, sigma_s = feature_statistics(activations["spatial"])
+    return {"pool": activations["pool"], "mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference statistics, cached
+# ----------------------------------------------------------------------------------------------------
+
+
+def reference_cache_path(ref_path: Path, weights_sha256: str) -> Path:
+    return ref_path.with_name(f"{ref_path.stem}.refstats-{weights_sha256[:12]}.npz")
+
+
+def _read_cache(cache_path: Path, ref_path: Path, weights_sha256: str) -> dict[str, np.ndarray] | None:
+    if not cache_path.is_file():
+        return None
+    stat = ref_path.stat()
+    try:
+        with np.load(cache_path) as npz:
+            meta_ok = (
+                int(npz["format"]) == CACHE_FORMAT
+                and str(npz["weights_sha256"]) == weights_sha256
+                and int(npz["ref_size"]) == stat.st_size
+                and int(npz["ref_mtime_ns"]) == stat.st_mtime_ns
+            )
+            if meta_ok:
+                return {key: npz[key] for key in ("pool", "mu", "sigma", "mu_s", "sigma_s")}
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        print(f"ignoring unreadable reference cache {cache_path}: {err}")
+        return None
+    print(f"reference cache {cache_path} is stale (reference file or Inception weights changed); recomputing")
+    return None
+
+
+def _write_cache(cache_path: Path, ref_path: Path, weights_sha256: str, summary: dict[str, np.ndarray]) -> None:
+    stat = ref_path.stat()
+    meta = {"format": CACHE_FORMAT, "weights_sha256": weights_sha256}
+    meta.update(ref_size=stat.st_size, ref_mtime_ns=stat.st_mtime_ns)
+    partial = cache_path.with_name(cache_path.name + ".partial")
+    try:
+        with open(partial, "wb") as f:  # written aside, then renamed: an interrupted run leaves no bad cache
+            np.savez(f, **summary, **{k: np.asarray(v) for k, v in meta.items()})
+        os.replace(partial, cache_path)
+        print(f"cached reference statistics in {cache_path}")
+    except OSError as err:
+        print(f"could not write reference cache {cache_path} ({err}); continuing without it")
+        partial.unlink(missing_ok=True)
+
+
+def reference_summary(
+    model: InceptionV3, ref_path: Path, batch_size: int, device: torch.device, use_cache: bool = True
+) -> dict[str, np.ndarray] | None:
+    """Pool features and Gaussians of the reference images; None if the file has no `arr_0`."""
+    with np.load(ref_path) as npz:
+        if "arr_0" not in npz.files:
+            return None
+    # The cache is keyed on the weights file; a model not built by load_inception has none to key on.
+    weights_sha256 = getattr(model, "weights_sha256", None)
+    use_cache = use_cache and weights_sha256 is not None
+    cache_path = reference_cache_path(ref_path, weights_sha256 or "")
+    if use_cache:
+        cached = _read_cache(cache_path, ref_path, weights_sha256)
+        if cached is not None:
+            print(f"read reference statistics from cache {cache_path}")
+            return cached
+    print("computing reference batch activations...")
+    summary = _summarise(compute_activations(model, ref_path, batch_size, device, "reference"))
+    if use_cache:
+        _write_cache(cache_path, ref_path, weights_sha256, summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    ref_path: str | os.PathLike,
+    sample_path: str | os.PathLike,
+    model: InceptionV3,
+    batch_size: int = 100,
+    use_cache: bool = True,
+    half_distances: bool = True,
+) -> dict:
+    """Inception Score, FID, sFID, precision and recall of `sample_path` against `ref_path`, as ADM.
+
+    `model` comes from `load_inception`; inputs go to its device. Returns the metrics (precision and
+    recall None when the reference has no images) together with the settings that produced them.
+    """
+    ref_path, sample_path = Path(ref_path), Path(sample_path)
+    for path in (ref_path, sample_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"no such batch file: {path}")
+    device = model.fc.weight.device  # features and distance blocks live where Inception runs
+
+    ref = reference_summary(model, ref_path, batch_size, device, use_cache)
+    ref_stats, ref_source = _statistics(ref_path, ref)
+    print("computing sample batch activations...")
+    sample_acts = compute_activations(model, sample_path, batch_size, device, "samples")
+    sample = _summarise(sample_acts)
+    sample_stats, sample_source = _statistics(sample_path, sample)
+
+    print("computing evaluations...")
+    # Precision/recall compare pool_3 features of the reference images with the samples' (k=3 as ADM).
+    if ref is None:
+        warnings.warn(f"{ref_path} holds no 'arr_0' images: precision and recall are not computed", stacklevel=2)
+        precision = recall = None
+    else:
+        precision, recall = precision_recall(ref["pool"], sample["pool"], half=half_distances, device=device)
+    # IS uses the samples alone; FID/sFID put the sample Gaussian first as ADM does (it is symmetric).
+    return {
+        "inception_score": inception_score(sample_acts["logits"]),
+        "fid": frechet_distance(sample_stats["mu"], sample_stats["sigma"], ref_stats["mu"], ref_stats["sigma"]),
+        "sfid": frechet_distance(
+            sample_stats["mu_s"], sample_stats["sigma_s"], ref_stats["mu_s"], ref_stats["sigma_s"]
+        ),
+        "precision": precision,
+        "recall": recall,
+        "num_samples": len(sample_acts["pool"]),
+        "num_reference_images": None if ref is None else len(ref["pool"]),
+        "ref_batch": str(ref_path),
+        "sample_batch": str(sample_path),
+        "reference_statistics": ref_source,
+        "sample_statistics": sample_source,
+        "inception_weights": getattr(model, "weights_path", None),
+        "inception_weights_sha256": getattr(model, "weights_sha256", None),
+        "official_inception_weights": getattr(model, "official_weights", False),
+        "half_precision_distances": half_distances,
+    }
+
+
+def format_metrics(results: dict) -> str:
+    """ADM's printed lines, so that scripts parsing its output read ours unchanged."""
+    lines = []
+    for label, key in (("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid")):
+        lines.append(f"{label}: {results[key]}")
+    for label, key in (("Precision", "precision"), ("Recall", "recall")):
+        value = results[key]
+        lines.append(f"{label}: {value if value is not None else 'n/a (reference batch has no arr_0 images)'}")
+    if not results["official_inception_weights"]:
+        lines.append("WARNING: NOT computed with the release Inception weights; not comparable to ADM's numbers")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ref_batch", help="reference batch .npz (arr_0 images and/or mu, sigma, mu_s, sigma_s)")
+    parser.add_argument("sample_batch", help="sample batch .npz (arr_0: uint8 N x H x W x 3)")
+    parser.add_argument("--json", default=None, help="write the metrics and settings to this JSON file")
+    parser.add_argument(
+        WEIGHTS_FLAG, default=None, help="local weights-inception-2015-12-05-6726825d.pth (default: torch hub cache)"
+    )
+    parser.add_argument("--no-download", action="store_true", help="never try to download the Inception weights")
+    parser.add_argument("--batch-size", type=int, default=100, help="images per Inception forward")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-ref-cache", action="store_true", help="neither read nor write the reference cache")
+    parser.add_argument(
+        "--float32-distances",
+        action="store_true",
+        help="exact float32 distances for precision/recall instead of ADM's float16 ones",
+    )
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    for path in (args.ref_batch, args.sample_batch):  # before the (slow) Inception load
+        if not Path(path).is_file():
+            parser.error(f"no such batch file: {path}")
+
+    # Full float32 convolutions and matmuls, as the reference TF graph computes them (no TF32 on Ampere+).
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = load_inception(args.inception_weights, device=args.device, allow_download=not args.no_download)
+    results = evaluate(
+        args.ref_batch,
+        args.sample_batch,
+        model,
+        batch_size=args.batch_size,
+        use_cache=not args.no_ref_cache,
+        half_distances=not args.float32_distances,
+    )
+    print(format_metrics(results))
+    # The JSON keeps the settings next to the numbers, so a result can be traced to its weights and inputs.
+    if args.json is not None:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        sys.exit(f"error: {err}")
