@@ -23,10 +23,15 @@ def test_derivatives_match_finite_differences(path_type):
 
 @pytest.mark.parametrize("path_type", ["linear", "cosine"])
 def test_endpoints_are_data_and_noise(path_type):
-    x, eps = torch.randn(2, 3), torch.randn(2, 3)
+    gen = torch.Generator().manual_seed(0)
+    x, eps = (
+        torch.randn(2, 3, generator=gen, dtype=torch.float64),
+        torch.randn(2, 3, generator=gen, dtype=torch.float64),
+    )
     interp = Interpolant(path_type)
-    torch.testing.assert_close(interp.interpolate(x, eps, torch.tensor(0.0))[0], x)
-    torch.testing.assert_close(interp.interpolate(x, eps, torch.tensor(1.0))[0], eps, atol=1e-7, rtol=0)
+    zero, one = torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    torch.testing.assert_close(interp.interpolate(x, eps, zero)[0], x, atol=1e-12, rtol=0)
+    torch.testing.assert_close(interp.interpolate(x, eps, one)[0], eps, atol=1e-12, rtol=0)
 
 
 def test_closed_form_values():
