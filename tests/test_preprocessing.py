@@ -226,33 +226,6 @@ def test_convert_zip_to_zip_matches_folder(converted, tmp_path):
 # --- encode ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory):
-    """A randomly initialised AutoencoderKL with sd-vae-ft-mse's config keys and 4 levels (factor 8),
-    at small widths; saved like a hub folder so `--vae=PATH` loads it."""
-    from diffusers.models import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[8, 8, 16, 16],
-        layers_per_block=1,
-        act_fn="silu",
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=RESOLUTION,
-    )
-    # Random init leaves logvar near 0; spread it so mean/std swaps or wrong exponents would show.
-    with torch.no_grad():
-        vae.quant_conv.bias[4:] = torch.linspace(-3, 2, 4)
-    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
-    vae.save_pretrained(path)
-    return str(path), vae.eval()
-
-
 def run_encode(source, dest, vae_path, *extra):
     args = [f"--source={source}", f"--dest={dest}", f"--vae={vae_path}", "--batch-size=3", "--workers=0"]
     return dataset_tools.main(["encode", *args, "--flip", *extra])
