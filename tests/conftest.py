@@ -46,3 +46,14 @@ def tiny_vae(tmp_path_factory):
     path = tmp_path_factory.mktemp("vae") / "tiny-vae"
     vae.save_pretrained(path)
     return str(path), vae.eval()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a test module, restored afterwards. On the shared 2-core test machine, tiny
+    ops with 2 threads wait at every barrier for a descheduled thread (Inception ran 15x, tiny convolutions
+    400x slower than on one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -37,14 +37,8 @@ from evaluations.metrics import (
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # The test machine's 2 cores are shared: with 2 intra-op threads every op's barrier waits for a
-    # descheduled thread, and Inception ran 15x slower than on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny ops on a shared 2-core CPU run fastest on one thread (see conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------------------------------

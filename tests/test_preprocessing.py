@@ -22,14 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESOLUTION = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # Tiny convolutions: with several threads on a shared, busy CPU each op waits for descheduled
-    # threads (measured 400x slower); one thread is fastest. Restored for the other test files.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny ops on a shared 2-core CPU run fastest on one thread (see conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- ADM center crop ------------------------------------------------------------------------------
