@@ -264,6 +264,11 @@ def train(cfg: TrainConfig):
         weight_decay=cfg.adam_weight_decay,
         eps=cfg.adam_epsilon,
     )
+    for enc in encoders:
+        log(
+            f"encoder {enc.spec.name} ({enc.weights_source}): {enc.num_params / 1e6:.1f}M parameters, "
+            f"{2 * enc.gmacs_per_image():.2f} GFLOPs per image, {enc.grid}x{enc.grid} tokens of {enc.embed_dim}"
+        )
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{cfg.model}: {n_params / 1e6:.2f}M parameters, {sit_flops(model) / 1e9:.2f} GFLOPs per image forward")
 
@@ -272,8 +277,14 @@ def train(cfg: TrainConfig):
     position = 0  # items drawn from the data stream, all ranks (differs from step x batch after skips)
     resume_path, ckpt = find_resume_checkpoint(cfg, log)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"{resume_path} does not fit --model {cfg.model} with this config (encoders, encoder_depth, "
+                f"size overrides); resume with the run's own config.yaml or pass --resume none.\n{e}"
+            ) from e
         optimizer.load_state_dict(ckpt["opt"])
         step = int(ckpt["steps"])
         nonfinite_steps = int(ckpt.get("nonfinite_steps", 0))
@@ -283,9 +294,9 @@ def train(cfg: TrainConfig):
     if ckpt is not None and accelerator.scaler is not None and "scaler" in ckpt:
         accelerator.scaler.load_state_dict(ckpt["scaler"])
     del ckpt
+    raw_model = accelerator.unwrap_model(model)  # before compiling: checkpoint keys stay the official ones
     if cfg.compile:
         model = torch.compile(model)
-    raw_model = accelerator.unwrap_model(model)
 
     sampler = ResumableSampler(len(dataset), micro_global, cfg.seed, rank, world, start_index=position)
     loader = DataLoader(

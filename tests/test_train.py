@@ -157,3 +157,15 @@ def test_gradient_accumulation_logs_every_optimizer_step(demo_data, tmp_path):
     assert [s["step"] for s in stats] == [1, 2, 3] and all(s["grad_norm"] > 0 for s in stats)
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "0000003.pt")
     assert ckpt["data_position"] == 12  # 3 optimizer steps x global batch 4 (2 micro-batches of 2)
+
+
+def test_bad_runs_fail_early_and_name_the_problem(demo_data, tmp_path):
+    with pytest.raises(ValueError, match="has 4 classes but --num-classes is 3"):
+        run_train(tiny_argv(demo_data, tmp_path, num_classes=3))
+    with pytest.raises(ValueError, match="encoder_depth"):
+        run_train(tiny_argv(demo_data, tmp_path, encoder_depth=7))  # the tiny model has 3 blocks
+    with pytest.raises(ValueError, match="--resolution 64 but"):
+        run_train(tiny_argv(demo_data, tmp_path, resolution=64))
+    run_train(tiny_argv(demo_data, tmp_path, max_train_steps=1, checkpointing_steps=1))
+    with pytest.raises(RuntimeError, match="0000001.pt does not fit --model SiT-S/8"):
+        run_train(tiny_argv(demo_data, tmp_path, depth=2, max_train_steps=2))
