@@ -13,6 +13,7 @@ the data order and bit for bit on the same setup.
 
 import argparse
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -448,6 +449,9 @@ def train(cfg: TrainConfig):
 
 def main(argv=None):
     cfg = parse_config(argv)
+    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
+        # accelerate would drop an unavailable tracker with a warning; a run that logs nowhere is worse.
+        raise ModuleNotFoundError(f"--report-to {cfg.report_to} needs the package: pip install {cfg.report_to}")
     if cfg.report_to == "wandb" and not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")  # no login needed; `wandb sync` uploads later
     if cfg.enc_weights == "random" and cfg.encoder_names and cfg.proj_coeff > 0:

@@ -169,3 +169,12 @@ def test_bad_runs_fail_early_and_name_the_problem(demo_data, tmp_path):
     run_train(tiny_argv(demo_data, tmp_path, max_train_steps=1, checkpointing_steps=1))
     with pytest.raises(RuntimeError, match="0000001.pt does not fit --model SiT-S/8"):
         run_train(tiny_argv(demo_data, tmp_path, depth=2, max_train_steps=2))
+
+
+def test_missing_tracker_package_is_an_error(demo_data, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ModuleNotFoundError, match="pip install wandb"):
+        run_train(tiny_argv(demo_data, tmp_path, report_to="wandb"))
