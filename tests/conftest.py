@@ -57,3 +57,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def random_inception_weights(tmp_path_factory):
+    """Random Inception weights in the release file's format: a plain dict of tensors, no BN counters."""
+    from evaluations.inception import WEIGHTS_FILENAME, InceptionV3
+
+    torch.manual_seed(0)
+    state = {k: v for k, v in InceptionV3().state_dict().items() if not k.endswith("num_batches_tracked")}
+    for key, value in state.items():
+        if key.endswith("running_var"):
+            value.uniform_(0.5, 1.5)
+        elif key.endswith(("running_mean", "bn.bias")):
+            value.uniform_(-0.1, 0.1)
+    path = tmp_path_factory.mktemp("weights") / WEIGHTS_FILENAME
+    torch.save(state, path)
+    return path

@@ -22,7 +22,6 @@ from evaluations.inception import (
     POOL_DIM,
     SPATIAL_DIM,
     WEIGHTS_FILENAME,
-    InceptionV3,
     find_inception_weights,
     load_inception,
 )
@@ -257,27 +256,12 @@ def test_precision_recall_needs_more_than_k_points():
 
 
 @pytest.fixture(scope="module")
-def random_weights(tmp_path_factory):
-    """Random Inception weights in the release file's format: a plain dict of tensors, no BN counters."""
-    torch.manual_seed(0)
-    state = {k: v for k, v in InceptionV3().state_dict().items() if not k.endswith("num_batches_tracked")}
-    for key, value in state.items():
-        if key.endswith("running_var"):
-            value.uniform_(0.5, 1.5)
-        elif key.endswith(("running_mean", "bn.bias")):
-            value.uniform_(-0.1, 0.1)
-    path = tmp_path_factory.mktemp("weights") / WEIGHTS_FILENAME
-    torch.save(state, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def inception(random_weights):
+def inception(random_inception_weights):
     with pytest.warns(UserWarning, match="NOT torch-fidelity's release file"):
-        return load_inception(random_weights)
+        return load_inception(random_inception_weights)
 
 
-def test_inception_returns_every_feature_like_torch_fidelity(inception, random_weights):
+def test_inception_returns_every_feature_like_torch_fidelity(inception, random_inception_weights):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     images = torch.randint(0, 256, (2, 3, 40, 56), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
@@ -296,7 +280,7 @@ def test_inception_returns_every_feature_like_torch_fidelity(inception, random_w
     assert features.pool.abs().sum() > 0 and features.spatial.abs().sum() > 0
     # pool_3 and the bias-free logits equal torch-fidelity's "2048" and "logits_unbiased" outputs.
     reference = FeatureExtractorInceptionV3(
-        "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(random_weights)
+        "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(random_inception_weights)
     )
     pool, logits = reference(images)
     torch.testing.assert_close(features.pool, pool, rtol=0, atol=0)
@@ -371,11 +355,19 @@ def batches(tmp_path_factory, inception):
     return folder, features
 
 
-def test_evaluate_cli_end_to_end(batches, inception, random_weights, capsys, monkeypatch):
+def test_evaluate_cli_end_to_end(batches, inception, random_inception_weights, capsys, monkeypatch):
     folder, features = batches
     ref, samples = features["ref"], features["samples"]
     argv = [str(folder / "ref.npz"), str(folder / "samples.npz"), "--json", str(folder / "metrics.json")]
-    argv += ["--inception-weights", str(random_weights), "--no-download", "--device", "cpu", "--batch-size", "3"]
+    argv += [
+        "--inception-weights",
+        str(random_inception_weights),
+        "--no-download",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "3",
+    ]
     calls = []  # (statistics, distance) of each Fréchet distance the CLI computes
 
     def recorded_frechet_distance(*stats):

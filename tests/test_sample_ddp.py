@@ -112,3 +112,20 @@ def test_dit_checkpoint_samples_with_ddpm(tmp_path):
     assert arrays.shape == (10, 16, 16, 3) and arrays.std() > 0
     with pytest.raises(ValueError, match="--mode sde does not apply to DiT-S/8"):
         sample_ddp.main(["--ckpt", str(tmp_path / "dit.pt"), "--sample-dir", str(out), "--mode", "sde", *SAMPLE_ARGS])
+
+
+def test_ref_batch_is_evaluated_at_the_end(tmp_path, random_inception_weights):
+    ckpt = tmp_path / "ckpt.pt"
+    tiny_pixel_checkpoint(ckpt)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+    out = tmp_path / "samples"
+    argv = ["--ckpt", str(ckpt), "--sample-dir", str(out), "--num-fid-samples", "6", "--batch-size", "3"]
+    argv += ["--num-steps", "2", "--ref-batch", str(ref), "--inception-weights", str(random_inception_weights)]
+    sample_ddp.main(argv)
+    import json
+
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["metrics"]["num_samples"] == 6 and summary["metrics"]["fid"] > 0
+    assert summary["metrics"]["official_inception_weights"] is False  # random weights are never passed off
+    assert out.with_suffix(".metrics.json").exists()
