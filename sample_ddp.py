@@ -165,6 +165,25 @@ def load_decoder(args, pixel_space, device):
     return lambda z: vae.decode((z - args.latent_bias) / args.latent_scale).sample
 
 
+def check_official_flags(args, model, pixel_space):
+    """Official command lines pass what the weights already say; a disagreement is a mistake worth a stop."""
+    found = {
+        "--projector-embed-dims": ",".join(map(str, model.z_dims)),
+        "--resolution": model.input_size * (1 if pixel_space else 8),
+        "--num-classes": model.num_classes,
+        "--qk-norm": isinstance(model.blocks[0].attn.q_norm, torch.nn.LayerNorm),
+    }
+    given = {
+        "--projector-embed-dims": args.projector_embed_dims,
+        "--resolution": args.resolution,
+        "--num-classes": args.num_classes,
+        "--qk-norm": args.qk_norm,
+    }
+    for flag, value in given.items():
+        if value is not None and (str(value) if flag == "--projector-embed-dims" else value) != found[flag]:
+            raise ValueError(f"{flag} {value} disagrees with the checkpoint {args.ckpt}, which has {found[flag]}")
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint of this project or of the official code")
@@ -187,6 +206,12 @@ def build_parser():
     p.add_argument("--vae", default="ema", help="ema | mse | hub name | local folder")
     p.add_argument("--latent-scale", type=float, default=0.18215)
     p.add_argument("--latent-bias", type=float, default=0.0)
+    # Flags of the official generate.py. Here the weights determine these, so they are only checked.
+    p.add_argument("--projector-embed-dims", default=None, help="official flag; checked against the weights")
+    p.add_argument("--resolution", type=int, default=None, help="official flag; checked against the model")
+    p.add_argument("--num-classes", type=int, default=None, help="official flag; checked against the weights")
+    p.add_argument("--qk-norm", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?", const=True, default=None)
+    p.add_argument("--fused-attn", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?", const=True)
     p.add_argument("--ref-batch", default=None, help="evaluate against this ADM reference batch at the end")
     p.add_argument("--inception-weights", default=None, help="local Inception weights for --ref-batch")
     return p
@@ -206,6 +231,7 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32: reproducible samples across GPU types
 
     model, settings = load_model(args.ckpt, args.model, args.use_ema, args.encoder_depth)
+    check_official_flags(args, model, bool(settings.get("pixel_space", False)))
     model = model.to(device)
     pixel_space = bool(settings.get("pixel_space", False))
     path_type = args.path_type or settings.get("path_type", "linear")

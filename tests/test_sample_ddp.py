@@ -129,3 +129,14 @@ def test_ref_batch_is_evaluated_at_the_end(tmp_path, random_inception_weights):
     assert summary["metrics"]["num_samples"] == 6 and summary["metrics"]["fid"] > 0
     assert summary["metrics"]["official_inception_weights"] is False  # random weights are never passed off
     assert out.with_suffix(".metrics.json").exists()
+
+
+def test_official_flags_are_checked_against_the_weights(tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    tiny_pixel_checkpoint(ckpt)
+    base = ["--ckpt", str(ckpt), "--sample-dir", str(tmp_path / "s"), *SAMPLE_ARGS[:2], "--num-steps", "1"]
+    sample_ddp.main(base + ["--projector-embed-dims=32", "--resolution=16", "--num-classes=5", "--fused-attn"])
+    with pytest.raises(ValueError, match="--projector-embed-dims 768 disagrees"):
+        sample_ddp.main(base + ["--projector-embed-dims=768"])
+    with pytest.raises(ValueError, match="--num-classes 1000 disagrees"):
+        sample_ddp.main(base + ["--num-classes=1000"])
