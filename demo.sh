@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 bash setup.sh
 if [ ! -f data/demo/images/dataset.json ]; then
-  .venv/bin/python -m preprocessing.make_demo_data --out data/demo
+  .venv/bin/python -m preprocessing.make_demo_data --out data/demo --per-class 100
 fi
 .venv/bin/python train.py --config configs/demo.yaml "$@"
 echo "demo: sample grids in demo_out/demo/samples/, loss curve in demo_out/demo/loss.png, stats in demo_out/demo/stats.jsonl"

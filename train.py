@@ -401,7 +401,12 @@ def train(cfg: TrainConfig):
             if is_main:
                 with stats_path.open("a") as f:
                     f.write(json.dumps(stats) + "\n")
-                progress.set_postfix(loss=f"{stats['loss']:.4f}", proj=f"{stats['proj_loss']:.4f}")
+                progress.set_postfix(
+                    loss=f"{stats['loss']:.4f}",
+                    proj=f"{stats['proj_loss']:.4f}",
+                    grad=f"{stats['grad_norm']:.3f}",
+                    img_s=f"{stats['img_per_s']:.1f}",
+                )
             accelerator.log({k: v for k, v in stats.items() if k != "step"}, step=step)
             window = dict(loss=0.0, proj_loss=0.0, grad_norm=0.0, micro=0, opt_steps=0, start=time.time())
 
