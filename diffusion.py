@@ -34,7 +34,7 @@ from loss import LossTerms, alignment_loss
 
 # The null-class lookup and per-sample noise are shared with the flow samplers, so that both families give
 # batch-independent samples from the same list of generators.
-from samplers import _null_class, _randn_like
+from samplers import randn_like, resolve_null_class
 
 
 def linear_betas(num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
@@ -267,7 +267,7 @@ def ddpm_sampler(
     """
     spaced = _respaced(diffusion, num_steps)
     dtype = latents.dtype
-    y_null = torch.full_like(y, _null_class(model, null_class)) if cfg_scale > 1.0 else None
+    y_null = torch.full_like(y, resolve_null_class(model, null_class)) if cfg_scale > 1.0 else None
     x = latents.to(torch.float64)
     for i in reversed(range(spaced.num_timesteps)):
         timestep = int(spaced.timestep_map[i])
@@ -277,7 +277,7 @@ def ddpm_sampler(
         mean, log_variance, _ = spaced.p_mean_variance(out, x, t)
         x = mean
         if i > 0:
-            x = x + torch.exp(0.5 * log_variance) * _randn_like(x, generator)
+            x = x + torch.exp(0.5 * log_variance) * randn_like(x, generator)
     return x.to(dtype)
 
 
@@ -304,7 +304,7 @@ def ddim_sampler(
         raise ValueError(f"eta must be >= 0, got {eta}")
     spaced = _respaced(diffusion, num_steps)
     dtype = latents.dtype
-    y_null = torch.full_like(y, _null_class(model, null_class)) if cfg_scale > 1.0 else None
+    y_null = torch.full_like(y, resolve_null_class(model, null_class)) if cfg_scale > 1.0 else None
     x = latents.to(torch.float64)
     for i in reversed(range(spaced.num_timesteps)):
         timestep = int(spaced.timestep_map[i])
@@ -315,5 +315,5 @@ def ddim_sampler(
         sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
         x = math.sqrt(abar_prev) * x0_hat + math.sqrt(max(1 - abar_prev - sigma**2, 0.0)) * eps
         if sigma > 0:  # sigma = 0 at the last step, where abar_prev = 1
-            x = x + sigma * _randn_like(x, generator)
+            x = x + sigma * randn_like(x, generator)
     return x.to(dtype)

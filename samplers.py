@@ -19,7 +19,7 @@ import torch
 from loss import Interpolant
 
 
-def _null_class(model, null_class):
+def resolve_null_class(model, null_class):
     """The null label: explicit, else the (possibly DDP-wrapped) model's num_classes. Never 1000 by fiat."""
     if null_class is not None:
         return null_class
@@ -43,7 +43,7 @@ def _velocity(model, x, t, y, y_null, cfg_scale, guided, dtype):
     return v
 
 
-def _randn_like(x, generator):
+def randn_like(x, generator):
     if isinstance(generator, (list, tuple)):
         if len(generator) != x.shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
@@ -71,7 +71,7 @@ def euler_sampler(
     """
     Interpolant(path_type)  # validates the name
     dtype = latents.dtype
-    y_null = torch.full_like(y, _null_class(model, null_class)) if cfg_scale > 1.0 else None
+    y_null = torch.full_like(y, resolve_null_class(model, null_class)) if cfg_scale > 1.0 else None
     t_steps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
     x = latents.to(torch.float64)
     for i in range(num_steps):
@@ -110,7 +110,7 @@ def euler_maruyama_sampler(
     """
     interpolant = Interpolant(path_type)
     dtype = latents.dtype
-    y_null = torch.full_like(y, _null_class(model, null_class)) if cfg_scale > 1.0 else None
+    y_null = torch.full_like(y, resolve_null_class(model, null_class)) if cfg_scale > 1.0 else None
     t_steps = torch.cat(
         [torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)]
     )
@@ -124,5 +124,5 @@ def euler_maruyama_sampler(
         drift = v - 0.5 * diffusion * interpolant.score_from_velocity(v, x, t_cur)
         x = x + drift * dt
         if i < num_steps - 1:
-            x = x + torch.sqrt(diffusion) * torch.sqrt(-dt) * _randn_like(x, generator)
+            x = x + torch.sqrt(diffusion) * torch.sqrt(-dt) * randn_like(x, generator)
     return x.to(dtype)
