@@ -44,6 +44,7 @@ def _velocity(model, x, t, y, y_null, cfg_scale, guided, dtype):
 
 
 def randn_like(x, generator):
+    """Standard normal noise shaped like x from one generator, or from one generator per sample (a list)."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != x.shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
