@@ -242,6 +242,11 @@ def _guided_output(model, x, timestep, y, y_null, cfg_scale, guided, dtype):
     return out
 
 
+def _in_guidance_interval(cfg_scale, t, guidance_low, guidance_high):
+    """Guidance acts while the normalised time t = timestep / T lies in [low, high] (samplers.py semantics)."""
+    return cfg_scale > 1.0 and guidance_low <= t <= guidance_high
+
+
 def _respaced(diffusion, num_steps):
     base = GaussianDiffusion.linear() if diffusion is None else diffusion
     return base.respace(space_timesteps(base.num_timesteps, num_steps))
@@ -271,7 +276,7 @@ def ddpm_sampler(
     x = latents.to(torch.float64)
     for i in reversed(range(spaced.num_timesteps)):
         timestep = int(spaced.timestep_map[i])
-        guided = cfg_scale > 1.0 and guidance_low <= timestep / spaced.original_num_timesteps <= guidance_high
+        guided = _in_guidance_interval(cfg_scale, timestep / spaced.original_num_timesteps, guidance_low, guidance_high)
         out = _guided_output(model, x, timestep, y, y_null, cfg_scale, guided, dtype)
         t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
         mean, log_variance, _ = spaced.p_mean_variance(out, x, t)
@@ -308,7 +313,7 @@ def ddim_sampler(
     x = latents.to(torch.float64)
     for i in reversed(range(spaced.num_timesteps)):
         timestep = int(spaced.timestep_map[i])
-        guided = cfg_scale > 1.0 and guidance_low <= timestep / spaced.original_num_timesteps <= guidance_high
+        guided = _in_guidance_interval(cfg_scale, timestep / spaced.original_num_timesteps, guidance_low, guidance_high)
         eps, _ = split_output(_guided_output(model, x, timestep, y, y_null, cfg_scale, guided, dtype), x)
         abar, abar_prev = spaced.alphas_cumprod[i].item(), spaced.alphas_cumprod_prev[i].item()
         x0_hat = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)

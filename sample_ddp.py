@@ -290,7 +290,7 @@ def main(argv=None):
         arrays = np.stack([np.asarray(Image.open(png_path(sample_dir, i)).convert("RGB")) for i in range(n)])
         save_npz(npz_path, arr_0=arrays, arr_1=labels_all.astype(np.int64))
         summary = {
-            **{k: v for k, v in vars(args).items()},
+            **vars(args),
             "model": settings["model"], "path_type": path_type, "pixel_space": pixel_space, "world_size": world,
             "npz": str(npz_path), "shape": list(arrays.shape), "seconds": elapsed,
             "images_per_second_rank0": sum(len(r) for r in todo) / max(elapsed, 1e-9),

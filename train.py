@@ -326,7 +326,8 @@ def train(cfg: TrainConfig):
     if accelerator.trackers:
         accelerator.init_trackers(cfg.exp_name, config=cfg.to_dict())
     stats_path = run_dir / "stats.jsonl"
-    window = dict(loss=0.0, proj_loss=0.0, grad_norm=0.0, micro=0, opt_steps=0, start=time.time())
+    new_window = lambda: dict(loss=0.0, proj_loss=0.0, grad_norm=0.0, micro=0, opt_steps=0, start=time.time())
+    window = new_window()  # sums over the current logging interval
     data_iter = iter(loader)
     progress = tqdm(total=cfg.max_train_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
     model.train()
@@ -408,7 +409,7 @@ def train(cfg: TrainConfig):
                     img_s=f"{stats['img_per_s']:.1f}",
                 )
             accelerator.log({k: v for k, v in stats.items() if k != "step"}, step=step)
-            window = dict(loss=0.0, proj_loss=0.0, grad_norm=0.0, micro=0, opt_steps=0, start=time.time())
+            window = new_window()
 
         # ---- previews from the EMA model ----
         if cfg.sampling_steps > 0 and (step % cfg.sampling_steps == 0 or step == cfg.max_train_steps):
