@@ -4,24 +4,34 @@
         --num-fid-samples 50000 --mode sde --num-steps 250 --cfg-scale 1.8 --guidance-high 0.7 \
         [--ref-batch VIRTUAL_imagenet256_labeled.npz]
 
-Loads checkpoints of this project and of the official REPA code (EMA weights by default). The model's
-shape is read from the state dict itself (depth, width, patch, classes, projectors, qk_norm); only the
-head count comes from the model name (--model, else the checkpoint's args/config).
+Loads checkpoints of this project and of the official REPA code (EMA weights by default). The run's
+config saved in the checkpoint is the source of truth for everything that must match training: model
+shape, path type, pixel space, latent scale and bias, the decoder. A flag that overrides one of these
+says so with a warning.
+
+The defaults are the paper's evaluation protocol (the official generate.py): labels drawn uniformly at
+random, decoded images quantised as uint8(clamp(255 * (x + 1) / 2, 0, 255)) (truncation). `--labels
+balanced` (50 per class, REPA-E's protocol, about 0.1 FID lower at FID ~1.4) and `--quantization dit`
+(DiT's clamp(127.5 x + 128)) are options; the summary JSON names the protocol a number was made with.
 
 Determinism: sample i gets its label and its initial noise from (global seed, i) alone, and samples are
 generated in fixed global batches of --batch-size, batch b on rank b % world_size. The set of images is
 therefore byte-identical whatever the number of processes, and a rerun after a crash regenerates only the
-batches whose PNGs are missing. The .npz (arr_0: uint8 N x H x W x 3, arr_1: labels) is written at the
-end from the PNGs, with the official quantisation clamp(127.5 x + 128, 0, 255) truncated to uint8.
+batches whose PNGs are missing. The sample folder's manifest.json records what made its PNGs (weights
+digest, sampler settings, labels, N, VAE, precision, quantisation); a rerun resumes only when all of it
+matches, and otherwise stops and names what differs (--overwrite starts afresh). The .npz (arr_0: uint8
+N x H x W x 3, arr_1: the labels the images were generated with) is written at the end from the PNGs.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import re
 import sys
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -35,12 +45,14 @@ from checkpoints import load_checkpoint, model_state_dict
 from diffusion import ddim_sampler, ddpm_sampler
 from models import MODELS
 from models.dit import DiT, DiT_models
-from models.sit import SiT
+from models.sit import SiT, projector_kwargs_from_state_dict
+from models.vae import latent_decoder, load_vae, resolve_vae_name
 from samplers import euler_maruyama_sampler, euler_sampler
 
 # Sampling modes: flow-matching SiTs integrate the ODE or SDE; DDPM-trained DiTs run ancestral DDPM or DDIM.
 SIT_MODES, DIT_MODES = ("ode", "sde"), ("ddpm", "ddim")
-VAE_NAMES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+SAMPLERS = {"sde": euler_maruyama_sampler, "ode": euler_sampler, "ddpm": ddpm_sampler, "ddim": ddim_sampler}
+MANIFEST = "manifest.json"
 
 #################################################################################
 #                         Model from checkpoint                                 #
@@ -48,7 +60,11 @@ VAE_NAMES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-m
 
 
 def sit_kwargs_from_state_dict(state_dict: dict) -> dict:
-    """SiT constructor keywords read off the weights (all but num_heads, which no tensor records)."""
+    """SiT constructor keywords read off the weights (all but num_heads, which no tensor records).
+
+    Only for checkpoints without `model_kwargs` (official ones, and bare state dicts); ours record the
+    constructor keywords themselves.
+    """
     required = ("pos_embed", "x_embedder.proj.weight", "y_embedder.embedding_table.weight", "blocks.0.mlp.fc1.weight")
     missing = [k for k in required if k not in state_dict]
     if missing:
@@ -56,8 +72,6 @@ def sit_kwargs_from_state_dict(state_dict: dict) -> dict:
     hidden, channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
     grid = math.isqrt(state_dict["pos_embed"].shape[1])
     depth = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k)))
-    n_projectors = len({k.split(".")[1] for k in state_dict if k.startswith("projectors.")})
-    z_dims = [state_dict[f"projectors.{i}.4.weight"].shape[0] for i in range(n_projectors)]
     rows = state_dict["y_embedder.embedding_table.weight"].shape[0]
     return dict(
         input_size=grid * patch,
@@ -69,100 +83,92 @@ def sit_kwargs_from_state_dict(state_dict: dict) -> dict:
         # A null row exists iff the model was trained with label dropout; the exact rate does not matter here.
         num_classes=rows - 1,
         class_dropout_prob=0.1,
-        z_dims=z_dims,
-        projector_dim=state_dict["projectors.0.0.weight"].shape[0] if z_dims else 2048,
+        **projector_kwargs_from_state_dict(state_dict),
         qk_norm="blocks.0.attn.q_norm.weight" in state_dict,
     )
 
 
-def load_model(ckpt_path, model_name=None, use_ema=True, encoder_depth=None):
-    """(model in eval mode, settings from the checkpoint: model name, pixel_space, path_type, ...)."""
-    ckpt = load_checkpoint(ckpt_path)
-    settings = {}
+def checkpoint_settings(ckpt) -> dict:
+    """The run's settings: this project's `config`, else the official `args` Namespace, else nothing."""
     if isinstance(ckpt, dict) and "config" in ckpt:
-        settings = dict(ckpt["config"])  # this project's checkpoints
-    elif isinstance(ckpt, dict) and "args" in ckpt:
-        settings = vars(ckpt["args"])  # official REPA checkpoints (argparse.Namespace)
+        return dict(ckpt["config"])
+    if isinstance(ckpt, dict) and "args" in ckpt:
+        return dict(vars(ckpt["args"]))
+    return {}
+
+
+def weights_digest(state_dict: dict) -> str:
+    """sha256 over names, dtypes, shapes and bytes of the weights: which model made a sample folder."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def load_model(ckpt_path, model_name=None, use_ema=True, encoder_depth=None):
+    """(model in eval mode, the run's settings plus `model` and `weights_sha256`)."""
+    ckpt = load_checkpoint(ckpt_path)
+    settings = checkpoint_settings(ckpt)
     name = model_name or settings.get("model")
     if name not in MODELS:
         raise ValueError(f"{ckpt_path}: model {name!r} unknown or not recorded; pass --model (one of {list(MODELS)})")
     state_dict = model_state_dict(ckpt, use_ema=use_ema, path=ckpt_path)
-    kwargs = sit_kwargs_from_state_dict(state_dict)
-    num_heads = settings.get("num_heads") or MODELS[name].keywords["num_heads"]  # custom size, else the name
-    if kwargs["z_dims"]:
-        kwargs["encoder_depth"] = encoder_depth or settings.get("encoder_depth", 8)
-    if kwargs["num_classes"] < 1:
-        raise ValueError(f"{ckpt_path}: the label table has no null row, so the model cannot be guided")
-    if name in DiT_models:
-        # learned sigma doubles the output channels: [eps | variance interpolation]
-        out = state_dict["final_layer.linear.weight"].shape[0] // kwargs["patch_size"] ** 2
-        model = DiT(num_heads=num_heads, learn_sigma=out == 2 * kwargs["in_channels"], **kwargs)
+    if isinstance(ckpt, dict) and "model_kwargs" in ckpt:
+        kwargs = dict(ckpt["model_kwargs"])  # the constructor keywords train.py used: nothing to infer
+        if encoder_depth is not None and encoder_depth != kwargs.get("encoder_depth"):
+            warnings.warn(f"--encoder-depth {encoder_depth} ignored: {ckpt_path} records its own", stacklevel=2)
+        model = MODELS[name](**kwargs)
     else:
-        model = SiT(num_heads=num_heads, **kwargs)
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval(), {**settings, "model": name}
-
-
-#################################################################################
-#                                 Sampling                                      #
-#################################################################################
-
-
-def sample_labels(num_samples, num_classes, seed, balanced=True):
-    """Labels of samples 0..N-1 from (seed, N) only. Balanced: each class N / C times, in seeded order."""
-    rng = np.random.default_rng([seed, 0x1ABE1])
-    if balanced:
-        return rng.permutation(np.arange(num_samples) % num_classes)
-    return rng.integers(0, num_classes, size=num_samples)
-
-
-def sample_generator(seed, index, device):
-    """The generator of sample `index`: its initial noise and SDE noise depend on (seed, index) only."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
-
-
-def png_path(sample_dir: Path, index: int) -> Path:
-    return sample_dir / f"{index:06d}.png"
-
-
-def quantize(images):
-    """[-1, 1] float images (N, 3, H, W) -> uint8 (N, H, W, 3), exactly as the official sampling script."""
-    return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
-
-
-def write_png(array, path: Path):
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(array).save(tmp)
-    os.replace(tmp, path)  # a killed run leaves whole PNGs only
-
-
-def save_npz(path: Path, **arrays):
-    """np.savez, but byte-reproducible (fixed zip timestamps) and atomic."""
-    tmp = path.with_suffix(".tmp.npz")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-        for key, array in arrays.items():
-            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            with zf.open(info, "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
-    os.replace(tmp, path)
-
-
-def load_decoder(args, pixel_space, device):
-    """Model output -> images in [-1, 1]: identity for pixel-space models, else the SD-VAE decoder."""
-    if pixel_space:
-        return lambda x: x
-    from diffusers.models import AutoencoderKL
-
-    name = VAE_NAMES.get(args.vae, args.vae)
+        kwargs = sit_kwargs_from_state_dict(state_dict)
+        kwargs["num_heads"] = settings.get("num_heads") or MODELS[name].keywords["num_heads"]  # custom, else name
+        if kwargs["z_dims"]:
+            kwargs["encoder_depth"] = encoder_depth or settings.get("encoder_depth", 8)
+        if name in DiT_models:
+            # learned sigma doubles the output channels: [eps | variance interpolation]
+            out = state_dict["final_layer.linear.weight"].shape[0] // kwargs["patch_size"] ** 2
+            model = DiT(learn_sigma=out == 2 * kwargs["in_channels"], **kwargs)
+        else:
+            model = SiT(**kwargs)
+    if model.num_classes < 1:
+        raise ValueError(f"{ckpt_path}: the label table has no null row, so the model cannot be guided")
     try:
-        vae = AutoencoderKL.from_pretrained(name).to(device).eval()
-    except Exception as e:
-        raise RuntimeError(
-            f"cannot load the VAE {name!r} ({type(e).__name__}: {e}). Download it once (e.g. with network access: "
-            f"`python -c \"from diffusers.models import AutoencoderKL; AutoencoderKL.from_pretrained('{name}')\"`) "
-            "or pass --vae /local/folder holding config.json and the weights"
-        ) from e
-    return lambda z: vae.decode((z - args.latent_bias) / args.latent_scale).sample
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"{ckpt_path}: the weights do not fit {name} built from the checkpoint: {e}") from e
+    return model.eval(), {**settings, "model": name, "weights_sha256": weights_digest(state_dict)}
+
+
+def resolve_training_settings(args, settings: dict) -> dict:
+    """What must match training, from the checkpoint; a flag that disagrees overrides it with a warning.
+
+    Official checkpoints record path_type but not the latent scale/bias or the decoder: those default to
+    the SD-VAE's 0.18215 / 0 and sd-vae-ft-ema (the paper's decoder).
+    """
+    trained = {
+        "path_type": settings.get("path_type", "linear"),
+        "latent_scale": float(settings.get("latent_scale", 0.18215)),
+        "latent_bias": float(settings.get("latent_bias", 0.0)),
+        "vae": resolve_vae_name(settings.get("vae") or "ema"),
+    }
+    resolved = dict(trained)
+    for key, value in trained.items():
+        flag = getattr(args, key)
+        if flag is None:
+            continue
+        flag = resolve_vae_name(flag) if key == "vae" else flag
+        if flag != value:
+            warnings.warn(
+                f"--{key.replace('_', '-')} {flag} overrides the checkpoint's {key} {value!r}: samples will not match "
+                "what the model was trained with unless you know better",
+                stacklevel=2,
+            )
+        resolved[key] = flag
+    resolved["pixel_space"] = bool(settings.get("pixel_space", False))
+    if resolved["pixel_space"]:
+        resolved["vae"] = None  # no decoder: the model outputs images in [-1, 1]
+    return resolved
 
 
 def check_official_flags(args, model, pixel_space):
@@ -184,34 +190,226 @@ def check_official_flags(args, model, pixel_space):
             raise ValueError(f"{flag} {value} disagrees with the checkpoint {args.ckpt}, which has {found[flag]}")
 
 
+#################################################################################
+#                         Labels, noise, images                                 #
+#################################################################################
+
+
+def sample_labels(num_samples, num_classes, seed, balanced=False):
+    """Labels of samples 0..N-1 from (seed, N) only: uniform at random (the official protocol), or balanced
+    (each class N / C times, in seeded order)."""
+    rng = np.random.default_rng([seed, 0x1ABE1])
+    if balanced:
+        return rng.permutation(np.arange(num_samples) % num_classes)
+    return rng.integers(0, num_classes, size=num_samples)
+
+
+def sample_generator(seed, index, device):
+    """The generator of sample `index`: its initial noise and SDE noise depend on (seed, index) only."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
+
+
+# [-1, 1] float images -> [0, 255] floats, truncated to uint8 afterwards.
+QUANTIZATIONS = {
+    "repa": lambda x: torch.clamp(255.0 * ((x + 1) / 2), 0, 255),  # the official REPA generate.py
+    "dit": lambda x: torch.clamp(127.5 * x + 128.0, 0, 255),  # DiT's sample_ddp.py: one level higher on ~45%
+}
+
+
+def quantize(images, method="repa"):
+    """[-1, 1] float images (N, 3, H, W) -> uint8 (N, H, W, 3), truncating like both official scripts."""
+    return QUANTIZATIONS[method](images).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
+
+
+def png_path(sample_dir: Path, index: int) -> Path:
+    return sample_dir / f"{index:06d}.png"
+
+
+def write_png(array, path: Path):
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray(array).save(tmp)
+    os.replace(tmp, path)  # a killed run leaves whole PNGs only
+
+
+def save_npz(path: Path, **arrays):
+    """np.savez, but byte-reproducible (fixed zip timestamps) and atomic."""
+    tmp = path.with_suffix(".tmp.npz")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+        for key, array in arrays.items():
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def load_decoder(training, device):
+    """Model output -> images in [-1, 1]: identity for pixel-space models, else the run's VAE decoder."""
+    if training["pixel_space"]:
+        return lambda x: x.float()
+    return latent_decoder(load_vae(training["vae"], device), training["latent_scale"], training["latent_bias"])
+
+
+#################################################################################
+#                     The sample folder and its manifest                        #
+#################################################################################
+
+# Recorded in manifest.json for people; not compared (the weights digest identifies the model).
+INFORMATIONAL = ("checkpoint",)
+
+
+def sampling_manifest(args, training: dict, settings: dict, num_classes: int) -> dict:
+    """Everything that decides the pixels and labels of a sample folder."""
+    return {
+        "checkpoint": str(Path(args.ckpt).resolve()),
+        "weights_sha256": settings["weights_sha256"],
+        "use_ema": args.use_ema,
+        "model": settings["model"],
+        "mode": args.mode,
+        "heun": args.heun,
+        "num_steps": args.num_steps,
+        "ddim_eta": args.ddim_eta,
+        "cfg_scale": args.cfg_scale,
+        "guidance_low": args.guidance_low,
+        "guidance_high": args.guidance_high,
+        "global_seed": args.global_seed,
+        "labels": args.labels,
+        "num_classes": num_classes,
+        "num_fid_samples": args.num_fid_samples,
+        "batch_size": args.batch_size,  # batch composition changes float rounding, so it is part of the recipe
+        "precision": args.precision,
+        "quantization": args.quantization,
+        **training,
+    }
+
+
+def manifest_problem(sample_dir: Path, manifest: dict) -> str | None:
+    """Why the PNGs already in sample_dir cannot be reused for this run, or None if they can."""
+    existing = sorted(sample_dir.glob("[0-9]*.png"))
+    path = sample_dir / MANIFEST
+    if not path.exists():
+        if not existing:
+            return None
+        return (
+            f"{sample_dir} holds {len(existing)} PNGs but no {MANIFEST}, so what made them is unknown; pass "
+            "--overwrite to delete them and start afresh, or choose another --sample-dir"
+        )
+    try:
+        recorded = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        return f"{path} is not valid JSON ({e}); pass --overwrite to start afresh"
+    differing = [
+        f"  {key}: the folder's samples have {recorded.get(key)!r}, this run asks for {manifest.get(key)!r}"
+        for key in sorted(set(recorded) | set(manifest))
+        if key not in INFORMATIONAL and recorded.get(key) != manifest.get(key)
+    ]
+    if not differing:
+        return None
+    return (
+        f"{sample_dir} holds samples made with other settings ({len(existing)} PNGs); resuming would mix them:\n"
+        + "\n".join(differing)
+        + "\nRerun with the folder's settings to resume it, pass --overwrite to delete its samples and start "
+        "afresh, or choose another --sample-dir."
+    )
+
+
+def prepare_sample_dir(sample_dir: Path, manifest: dict, overwrite: bool, rank: int, distributed: bool):
+    """Create or check the folder on every rank alike; rank 0 writes the manifest once all have checked."""
+
+    def barrier():
+        if distributed:
+            dist.barrier()
+
+    if rank == 0:
+        sample_dir.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for path in sample_dir.glob("[0-9]*.png"):
+                path.unlink()
+            (sample_dir / MANIFEST).unlink(missing_ok=True)
+    barrier()
+    problem = manifest_problem(sample_dir, manifest)  # every rank reads the same folder: the same verdict
+    barrier()
+    if problem:
+        raise ValueError(problem)
+    if rank == 0 and not (sample_dir / MANIFEST).exists():
+        tmp = sample_dir / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, sample_dir / MANIFEST)
+    barrier()
+
+
+class _CallCounter(torch.nn.Module):
+    """A stand-in model that counts the rows it is called on: the sampler's NFE per image, at no cost."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.num_classes, self.out_channels, self.rows = model.num_classes, model.out_channels, 0
+
+    def forward(self, x, t, y):
+        self.rows += x.shape[0]
+        return torch.zeros(x.shape[0], self.out_channels, *x.shape[2:], dtype=x.dtype), []
+
+
+def count_nfe(sampler, model, shape, kwargs, stochastic) -> int:
+    """Network evaluations per image (a guided step counts twice) of `sampler` with these settings."""
+    counter = _CallCounter(model)
+    extra = {"generator": torch.Generator().manual_seed(0)} if stochastic else {}
+    sampler(counter, torch.zeros(1, *shape), torch.zeros(1, dtype=torch.long), **kwargs, **extra)
+    return counter.rows
+
+
+#################################################################################
+#                                 Main                                          #
+#################################################################################
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint of this project or of the official code")
     p.add_argument("--model", default=None, help="e.g. SiT-XL/2 (default: from the checkpoint)")
-    p.add_argument("--use-ema", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
+    p.add_argument("--use-ema", type=parse_bool, default=True)
     p.add_argument("--encoder-depth", type=int, default=None, help="only to build the projectors of old files")
     p.add_argument("--sample-dir", default="samples")
-    p.add_argument("--num-fid-samples", type=int, default=50_000)
-    p.add_argument("--batch-size", "--per-proc-batch-size", type=int, default=64, help="images per batch")
+    p.add_argument("--overwrite", action="store_true", help="delete samples made with other settings, start afresh")
+    p.add_argument("--num-fid-samples", type=positive_int, default=50_000)
+    p.add_argument("--batch-size", "--per-proc-batch-size", type=positive_int, default=64, help="images per batch")
     p.add_argument("--global-seed", type=int, default=0)
     p.add_argument("--mode", choices=SIT_MODES + DIT_MODES, default=None, help="default: sde (SiT), ddpm (DiT)")
-    p.add_argument("--num-steps", type=int, default=250)
-    p.add_argument("--heun", action="store_true", help="Heun's method for the ODE")
+    p.add_argument("--num-steps", type=positive_int, default=250)
+    p.add_argument("--heun", action="store_true", help="Heun's method for --mode ode")
+    p.add_argument("--ddim-eta", type=float, default=0.0, help="--mode ddim: 0 deterministic, 1 DDPM-like")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--guidance-low", type=float, default=0.0)
     p.add_argument("--guidance-high", type=float, default=1.0)
-    p.add_argument("--path-type", choices=("linear", "cosine"), default=None, help="default: from the checkpoint")
-    p.add_argument("--labels", choices=("balanced", "random"), default="balanced", help="random = official script")
+    p.add_argument("--labels", choices=("random", "balanced"), default="random", help="random: the paper's protocol")
+    p.add_argument("--quantization", choices=tuple(QUANTIZATIONS), default="repa", help="repa: the paper's protocol")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--vae", default="ema", help="ema | mse | hub name | local folder")
-    p.add_argument("--latent-scale", type=float, default=0.18215)
-    p.add_argument("--latent-bias", type=float, default=0.0)
+    # What must match training comes from the checkpoint; these flags override it (with a warning).
+    p.add_argument("--path-type", choices=("linear", "cosine"), default=None, help="default: the checkpoint's")
+    p.add_argument("--vae", default=None, help="ema | mse | hub name | folder (default: the checkpoint's, else ema)")
+    p.add_argument("--latent-scale", type=float, default=None, help="default: the checkpoint's, else 0.18215")
+    p.add_argument("--latent-bias", type=float, default=None, help="default: the checkpoint's, else 0")
     # Flags of the official generate.py. Here the weights determine these, so they are only checked.
     p.add_argument("--projector-embed-dims", default=None, help="official flag; checked against the weights")
     p.add_argument("--resolution", type=int, default=None, help="official flag; checked against the model")
     p.add_argument("--num-classes", type=int, default=None, help="official flag; checked against the weights")
-    p.add_argument("--qk-norm", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?", const=True, default=None)
-    p.add_argument("--fused-attn", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?", const=True)
+    p.add_argument("--qk-norm", type=parse_bool, nargs="?", const=True, default=None)
+    p.add_argument("--fused-attn", type=parse_bool, nargs="?", const=True, default=True, help="SDPA attention")
     p.add_argument("--ref-batch", default=None, help="evaluate against this ADM reference batch at the end")
     p.add_argument("--inception-weights", default=None, help="local Inception weights for --ref-batch")
     return p
@@ -231,17 +429,41 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32: reproducible samples across GPU types
 
     model, settings = load_model(args.ckpt, args.model, args.use_ema, args.encoder_depth)
-    check_official_flags(args, model, bool(settings.get("pixel_space", False)))
+    training = resolve_training_settings(args, settings)
+    check_official_flags(args, model, training["pixel_space"])
+    is_dit = isinstance(model, DiT)
+    args.mode = args.mode or ("ddpm" if is_dit else "sde")
+    if args.mode not in (DIT_MODES if is_dit else SIT_MODES):
+        raise ValueError(
+            f"--mode {args.mode} does not apply to {settings['model']}; use one of {DIT_MODES if is_dit else SIT_MODES}"
+        )
+    if args.heun and args.mode != "ode":
+        raise ValueError(f"--heun applies to --mode ode only, not --mode {args.mode}")
+    if args.ddim_eta and args.mode != "ddim":
+        raise ValueError(f"--ddim-eta applies to --mode ddim only, not --mode {args.mode}")
+    for block in model.blocks:
+        block.attn.fused_attn = args.fused_attn
     model = model.to(device)
-    pixel_space = bool(settings.get("pixel_space", False))
-    path_type = args.path_type or settings.get("path_type", "linear")
-    decode = load_decoder(args, pixel_space, device)
+    decode = load_decoder(training, device)
     labels_all = sample_labels(args.num_fid_samples, model.num_classes, args.global_seed, args.labels == "balanced")
     sample_dir = Path(args.sample_dir)
-    if rank == 0:
-        sample_dir.mkdir(parents=True, exist_ok=True)
-    if distributed:
-        dist.barrier()
+    manifest = sampling_manifest(args, training, settings, model.num_classes)
+    prepare_sample_dir(sample_dir, manifest, args.overwrite, rank, distributed)
+
+    sampler = SAMPLERS[args.mode]
+    kwargs = dict(
+        num_steps=args.num_steps, cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
+        guidance_high=args.guidance_high,
+    )  # fmt: skip
+    if not is_dit:
+        kwargs["path_type"] = training["path_type"]
+    if args.mode == "ode":
+        kwargs["heun"] = args.heun
+    if args.mode == "ddim":
+        kwargs["eta"] = args.ddim_eta
+    stochastic = args.mode in ("sde", "ddpm") or (args.mode == "ddim" and args.ddim_eta > 0)
+    shape = (model.in_channels, model.input_size, model.input_size)
+    nfe = count_nfe(sampler, model, shape, kwargs, stochastic)
 
     # Fixed global batches; batch b goes to rank b % world. A batch is redone only if a PNG of it is missing.
     n, bs = args.num_fid_samples, args.batch_size
@@ -252,33 +474,15 @@ def main(argv=None):
         print(
             f"{n} samples in {len(batches)} batches of {bs} on {world} process(es); {len(mine) - len(todo)} of rank 0's done"
         )
-    shape = (model.in_channels, model.input_size, model.input_size)
-    is_dit = isinstance(model, DiT)
-    args.mode = args.mode or ("ddpm" if is_dit else "sde")
-    if args.mode not in (DIT_MODES if is_dit else SIT_MODES):
-        raise ValueError(
-            f"--mode {args.mode} does not apply to {settings['model']}; use one of {DIT_MODES if is_dit else SIT_MODES}"
-        )
-    sampler = {"sde": euler_maruyama_sampler, "ode": euler_sampler, "ddpm": ddpm_sampler, "ddim": ddim_sampler}[
-        args.mode
-    ]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     start = time.time()
     for indices in tqdm(todo, disable=rank != 0, desc="sampling", dynamic_ncols=True):
         gens = [sample_generator(args.global_seed, i, device) for i in indices]
         noise = torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])
         y = torch.from_numpy(labels_all[indices.start : indices.stop]).to(device)
-        kwargs = dict(
-            num_steps=args.num_steps, cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
-            guidance_high=args.guidance_high,
-        )  # fmt: skip
-        if not is_dit:
-            kwargs |= dict(heun=args.heun, path_type=path_type)
-        if args.mode in ("sde", "ddpm", "ddim"):
-            kwargs["generator"] = gens
         with torch.no_grad(), autocast:
-            z = sampler(model, noise, y, **kwargs)
-            images = quantize(decode(z.float()).float())
+            z = sampler(model, noise, y, **kwargs, **({"generator": gens} if stochastic else {}))
+            images = quantize(decode(z.float()), args.quantization)
         for i, array in zip(indices, images):
             write_png(array, png_path(sample_dir, i))
     elapsed = time.time() - start
@@ -289,13 +493,19 @@ def main(argv=None):
         npz_path = sample_dir.with_suffix(".npz") if sample_dir.name else Path("samples.npz")
         arrays = np.stack([np.asarray(Image.open(png_path(sample_dir, i)).convert("RGB")) for i in range(n)])
         save_npz(npz_path, arr_0=arrays, arr_1=labels_all.astype(np.int64))
+        protocol = {
+            "sampler": args.mode + ("-heun" if args.heun else ""), "num_steps": args.num_steps, "nfe": nfe,
+            "cfg_scale": args.cfg_scale, "guidance_interval": [args.guidance_low, args.guidance_high],
+            "labels": args.labels, "quantization": args.quantization, "num_samples": n,
+            "weights": "ema" if args.use_ema else "raw", "vae": training["vae"], "precision": args.precision,
+        }  # fmt: skip
         summary = {
-            **vars(args),
-            "model": settings["model"], "path_type": path_type, "pixel_space": pixel_space, "world_size": world,
+            "protocol": protocol, "manifest": manifest, "args": vars(args), "world_size": world,
             "npz": str(npz_path), "shape": list(arrays.shape), "seconds": elapsed,
             "images_per_second_rank0": sum(len(r) for r in todo) / max(elapsed, 1e-9),
         }  # fmt: skip
-        print(f"wrote {npz_path} {arrays.shape}")
+        print(f"wrote {npz_path} {arrays.shape}; protocol: {describe_protocol(protocol)}")
+        npz_path.with_suffix(".json").write_text(json.dumps(summary, indent=2, default=str))
         if args.ref_batch:
             from evaluations.evaluate import main as evaluate_main
 
@@ -303,10 +513,21 @@ def main(argv=None):
             if args.inception_weights:
                 eval_argv += ["--inception-weights", args.inception_weights]
             summary["metrics"] = evaluate_main(eval_argv)
-        npz_path.with_suffix(".json").write_text(json.dumps(summary, indent=2, default=str))
+            npz_path.with_suffix(".json").write_text(json.dumps(summary, indent=2, default=str))
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def describe_protocol(protocol: dict) -> str:
+    """One line naming how a sample batch was made, e.g. for a table of FIDs."""
+    low, high = protocol["guidance_interval"]
+    cfg = f"CFG {protocol['cfg_scale']} in [{low}, {high}]" if protocol["cfg_scale"] > 1 else "no CFG"
+    return (
+        f"{protocol['sampler']} {protocol['num_steps']} steps (NFE {protocol['nfe']}), {cfg}, "
+        f"{protocol['labels']} labels, {protocol['quantization']} quantization, N={protocol['num_samples']}, "
+        f"{protocol['weights']} weights, {protocol['precision']}"
+    )
 
 
 if __name__ == "__main__":

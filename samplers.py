@@ -94,7 +94,6 @@ def euler_maruyama_sampler(
     latents,
     y,
     num_steps=250,
-    heun=False,  # unused; accepted so both samplers share one signature
     cfg_scale=1.0,
     guidance_low=0.0,
     guidance_high=1.0,

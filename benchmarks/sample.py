@@ -54,7 +54,7 @@ def main():
         num_steps=args.num_steps, cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
         guidance_high=args.guidance_high,
     )  # fmt: skip
-    if not is_dit:
+    if args.mode == "ode":
         kwargs["heun"] = args.heun
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

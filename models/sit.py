@@ -200,6 +200,15 @@ def build_projector(hidden_size, projector_dim, z_dim):
     )
 
 
+def projector_kwargs_from_state_dict(state_dict: dict) -> dict:
+    """`z_dims` and `projector_dim` of the projectors in a SiT state dict (the layout of build_projector)."""
+    ids = sorted({int(k.split(".")[1]) for k in state_dict if k.startswith("projectors.")})
+    if not ids:
+        return {"z_dims": []}
+    z_dims = [state_dict[f"projectors.{i}.4.weight"].shape[0] for i in ids]
+    return {"z_dims": z_dims, "projector_dim": state_dict[f"projectors.{ids[0]}.0.weight"].shape[0]}
+
+
 #################################################################################
 #                                 Core SiT model                                #
 #################################################################################
