@@ -7,7 +7,9 @@ so a file can never execute arbitrary code when loaded here.
 """
 
 import argparse
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -20,7 +22,8 @@ SAFE_GLOBALS = [argparse.Namespace]
 def save_checkpoint(obj, path):
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
 
-    A crash mid-write leaves the previous file (or nothing) in place, never a truncated checkpoint.
+    A crash mid-write leaves the previous file (or nothing) in place, never a truncated checkpoint. A full
+    disk is reported as such (torch says only "unexpected pos"), naming the path; earlier files are kept.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,9 +34,31 @@ def save_checkpoint(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        Path(tmp).unlink(missing_ok=True)
+        if _is_disk_full(e):
+            free = shutil.disk_usage(path.parent).free
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on the device while writing checkpoint {path} ({free / 2**20:.1f} MiB free after "
+                "removing the partial file); earlier checkpoints are untouched. Free some space (or lower "
+                "--keep-last) and rerun the same command to resume",
+            ) from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """ENOSPC, directly or as torch's zip writer reports it ("unexpected pos", "file write failed")."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(error, RuntimeError) and ("unexpected pos" in str(error) or "write failed" in str(error)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -64,10 +64,10 @@ class TrainConfig:
     vae: str = "stabilityai/sd-vae-ft-ema"  # decoder for previews (hub name or local path)
     num_workers: int = 4
     # --- optimisation --------------------------------------------------------------------------------
-    batch_size: int = 256  # global batch per optimizer step, across processes and accumulation
+    batch_size: int = 256  # images per micro-step over all processes (official); x accumulation = effective batch
     gradient_accumulation_steps: int = 1
     max_train_steps: int = 400_000
-    epochs: int = 1400  # official flag; training stops at max_train_steps
+    epochs: int = 1400  # official flag: passes over the data; training stops at this or max_train_steps
     learning_rate: float = 1e-4  # constant
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -92,8 +92,26 @@ class TrainConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"config key {key!r}: {getattr(self, key)!r} is not one of {allowed}")
-        if self.batch_size <= 0 or self.gradient_accumulation_steps <= 0:
-            raise ValueError("config keys 'batch_size' and 'gradient_accumulation_steps' must be positive")
+        # Counts checked here, when the config is parsed, not as a ZeroDivisionError after the first step.
+        positive = ("batch_size", "gradient_accumulation_steps", "log_every", "checkpointing_steps", "epochs")
+        non_negative = ("max_train_steps", "sampling_steps", "keep_last", "num_workers", "max_nonfinite_steps")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ValueError(
+                    f"config key {key!r} (--{key.replace('_', '-')}): {getattr(self, key)} must be positive"
+                )
+        for key in non_negative:
+            if getattr(self, key) < 0:
+                raise ValueError(f"config key {key!r} (--{key.replace('_', '-')}): {getattr(self, key)} must be >= 0")
+        if self.sampling_steps > 0 and self.preview_num_steps <= 0:
+            raise ValueError(f"config key 'preview_num_steps': {self.preview_num_steps} must be positive")
+        if not self.pixel_space and self.resolution % 8:
+            raise ValueError(
+                f"config key 'resolution' (--resolution): {self.resolution} is not a multiple of 8, the SD-VAE's "
+                "downsampling factor (its latents would be floored)"
+            )
+        if not 0 <= self.ema_decay <= 1:
+            raise ValueError(f"config key 'ema_decay': {self.ema_decay} must lie in [0, 1]")
         if not 0 <= self.cfg_prob < 1:
             raise ValueError(f"config key 'cfg_prob': {self.cfg_prob} must lie in [0, 1)")
 

@@ -38,6 +38,7 @@ from models import MODELS
 from models.dit import DiT_models
 from models.encoders import load_encoders
 from models.sit import sit_flops
+from models.vae import VAENotFoundError, latent_decoder, load_vae
 from samplers import euler_sampler
 
 CHECKPOINT_PATTERN = re.compile(r"^(\d{7})\.pt$")
@@ -127,7 +128,7 @@ def find_resume_checkpoint(cfg: TrainConfig, log) -> tuple[Path | None, dict | N
             if not {"model", "ema", "opt", "steps"} <= set(ckpt):
                 raise KeyError(f"missing entries {sorted({'model', 'ema', 'opt', 'steps'} - set(ckpt))}")
             return path, ckpt
-        except Exception as e:  # a partial or corrupt file: say so and fall back to the previous one
+        except (RuntimeError, KeyError) as e:  # a partial or corrupt file: say so and fall back to the previous one
             log(f"skipping unusable checkpoint {path}: {e}")
     return None, None
 
@@ -149,18 +150,33 @@ def peak_memory_gib(device) -> float:
 def load_preview_decoder(cfg: TrainConfig, device, log):
     """Latents -> images in [0, 1] for previews: the identity map in pixel space, else the SD-VAE decoder.
 
-    A missing VAE (offline, no cache) must not stop training: previews are skipped with a warning.
+    A VAE that is not on this machine (offline, empty cache) must not stop training: previews are skipped
+    with a warning. A VAE that is there but broken is an error.
     """
     if cfg.pixel_space:
         return lambda x: (x + 1) / 2
     try:
-        from diffusers.models import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(cfg.vae).to(device).eval()
-    except Exception as e:
-        log(f"WARNING: cannot load the VAE {cfg.vae!r} for preview grids ({type(e).__name__}: {e}); previews are off")
+        decode = latent_decoder(load_vae(cfg.vae, device), cfg.latent_scale, cfg.latent_bias)
+    except VAENotFoundError as e:
+        warnings.warn(f"previews are off: {e}", stacklevel=2)
         return None
-    return lambda z: (vae.decode((z - cfg.latent_bias) / cfg.latent_scale).sample + 1) / 2
+    return lambda z: (decode(z) + 1) / 2
+
+
+def clean_run_folder(run_dir: Path, start_step: int, log) -> None:
+    """Undo what a killed or rewound run left behind: temporary checkpoint files of an interrupted write, and
+    stats.jsonl lines past the step this run starts from (they would be logged again: one line per step)."""
+    for tmp in (run_dir / "checkpoints").glob(".*.pt.*.tmp"):
+        tmp.unlink(missing_ok=True)
+        log(f"removed {tmp}, left by a checkpoint write that was interrupted")
+    stats_path = run_dir / "stats.jsonl"
+    if stats_path.exists():
+        lines = stats_path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= start_step]
+        if len(kept) != len(lines):
+            tmp = stats_path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, stats_path)
 
 
 def save_loss_plot(stats_path: Path, png_path: Path):
@@ -207,12 +223,12 @@ def train(cfg: TrainConfig):
     if device.type == "cuda" and cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    micro_global = cfg.batch_size // cfg.gradient_accumulation_steps  # images per micro-step, all ranks
-    if cfg.batch_size % (world * cfg.gradient_accumulation_steps):
-        raise ValueError(
-            f"--batch-size {cfg.batch_size} must be divisible by processes ({world}) x "
-            f"--gradient-accumulation-steps ({cfg.gradient_accumulation_steps})"
-        )
+    # --batch-size keeps the official meaning: images per micro-step over all processes. An optimizer step
+    # averages gradient_accumulation_steps of them, so the effective batch is their product.
+    micro_global = cfg.batch_size
+    effective_batch = cfg.batch_size * cfg.gradient_accumulation_steps
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
     run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
     if is_main:
         (run_dir / "samples").mkdir(parents=True, exist_ok=True)
@@ -224,8 +240,13 @@ def train(cfg: TrainConfig):
     image_side = dataset.image_shape[-1]
     if image_side != cfg.resolution:
         raise ValueError(f"--resolution {cfg.resolution} but {cfg.data_dir} holds {image_side} px images")
-    if dataset.num_classes > cfg.num_classes:
-        raise ValueError(f"{cfg.data_dir} has {dataset.num_classes} classes but --num-classes is {cfg.num_classes}")
+    if dataset.num_classes > cfg.num_classes or dataset.labels.max() >= cfg.num_classes:
+        # Label num_classes is the null class of classifier-free guidance; a larger one has no embedding row.
+        item = int(dataset.labels.argmax())
+        raise ValueError(
+            f"{cfg.data_dir} has {dataset.num_classes} classes (label {int(dataset.labels[item])} at item {item}) "
+            f"but --num-classes is {cfg.num_classes}: labels must lie in 0..{cfg.num_classes - 1}"
+        )
 
     # Frozen encoders give the alignment targets; none for a vanilla SiT (proj_coeff 0 or enc_type none).
     in_channels, input_side = dataset.x_shape[0] // (1 if cfg.pixel_space else 2), dataset.x_shape[-1]
@@ -246,7 +267,7 @@ def train(cfg: TrainConfig):
             cfg.enc_type, device, enc_resolution, ckpt_path=cfg.enc_ckpt or None, enc_weights=cfg.enc_weights
         )
     size_overrides = {k: v for k in ("depth", "hidden_size", "num_heads") if (v := getattr(cfg, k))}
-    model = MODELS[cfg.model](
+    model_kwargs = dict(  # saved in every checkpoint: sample_ddp.py rebuilds the model from them
         **size_overrides,
         input_size=input_side,
         in_channels=in_channels,
@@ -256,7 +277,8 @@ def train(cfg: TrainConfig):
         encoder_depth=cfg.encoder_depth,
         projector_dim=cfg.projector_dim,
         qk_norm=cfg.qk_norm,
-    ).to(device)
+    )
+    model = MODELS[cfg.model](**model_kwargs).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(
         model.parameters(),
@@ -272,6 +294,16 @@ def train(cfg: TrainConfig):
         )
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{cfg.model}: {n_params / 1e6:.2f}M parameters, {sit_flops(model) / 1e9:.2f} GFLOPs per image forward")
+    # The official loop runs `epochs` passes over the data (drop_last) unless max_train_steps comes first.
+    steps_per_epoch = len(dataset) // micro_global // cfg.gradient_accumulation_steps
+    total_steps = min(cfg.max_train_steps, cfg.epochs * steps_per_epoch)
+    log(
+        f"batch: {cfg.batch_size} per micro-step x {cfg.gradient_accumulation_steps} accumulation = {effective_batch} "
+        f"images per optimizer step on {world} process(es); {total_steps} steps "
+        f"(max_train_steps {cfg.max_train_steps}, epochs {cfg.epochs} x {steps_per_epoch})"
+    )
+    if steps_per_epoch == 0:
+        raise ValueError(f"{cfg.data_dir} has {len(dataset)} items, fewer than one effective batch ({effective_batch})")
 
     # Resume before wrapping, so every rank loads the same state.
     step, nonfinite_steps = 0, 0
@@ -289,8 +321,10 @@ def train(cfg: TrainConfig):
         optimizer.load_state_dict(ckpt["opt"])
         step = int(ckpt["steps"])
         nonfinite_steps = int(ckpt.get("nonfinite_steps", 0))
-        position = int(ckpt.get("data_position", step * cfg.batch_size))
+        position = int(ckpt.get("data_position", step * effective_batch))
         log(f"resumed from {resume_path} at step {step}")
+    if is_main:
+        clean_run_folder(run_dir, step, log)
     model, optimizer = accelerator.prepare(model, optimizer)
     if ckpt is not None and accelerator.scaler is not None and "scaler" in ckpt:
         accelerator.scaler.load_state_dict(ckpt["scaler"])
@@ -312,7 +346,9 @@ def train(cfg: TrainConfig):
     if is_dit:
         loss_fn = DiffusionLoss(proj_coeff=cfg.proj_coeff)
     else:
-        loss_fn = REPALoss(path_type=cfg.path_type, weighting=cfg.weighting, proj_coeff=cfg.proj_coeff)
+        loss_fn = REPALoss(
+            path_type=cfg.path_type, prediction=cfg.prediction, weighting=cfg.weighting, proj_coeff=cfg.proj_coeff
+        )
     autocast = accelerator.autocast  # encoders run in the training precision too
     cache = TargetCache(encoders) if cfg.cache_targets and encoders else None
 
@@ -329,10 +365,10 @@ def train(cfg: TrainConfig):
     new_window = lambda: dict(loss=0.0, proj_loss=0.0, grad_norm=0.0, micro=0, opt_steps=0, start=time.time())
     window = new_window()  # sums over the current logging interval
     data_iter = iter(loader)
-    progress = tqdm(total=cfg.max_train_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
+    progress = tqdm(total=total_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
     model.train()
 
-    while step < cfg.max_train_steps:
+    while step < total_steps:
         # ---- one optimizer step over gradient_accumulation_steps micro-batches ----
         step_finite = True
         for _ in range(cfg.gradient_accumulation_steps):
@@ -383,7 +419,7 @@ def train(cfg: TrainConfig):
         window["opt_steps"] += 1
 
         # ---- logging: means over the window, all ranks ----
-        if step % cfg.log_every == 0 or step == cfg.max_train_steps:
+        if step % cfg.log_every == 0 or step == total_steps:
             sums = torch.tensor(
                 [window["loss"], window["proj_loss"], window["micro"]], device=device, dtype=torch.float64
             )
@@ -395,7 +431,8 @@ def train(cfg: TrainConfig):
                 "proj_loss": (sums[1] / sums[2].clamp(min=1)).item(),
                 "grad_norm": window["grad_norm"] / max(window["opt_steps"], 1),
                 "lr": optimizer.param_groups[0]["lr"],
-                "img_per_s": window["opt_steps"] * cfg.batch_size / max(elapsed, 1e-9),
+                "img_per_s": window["opt_steps"] * effective_batch / max(elapsed, 1e-9),
+                "images_seen": position,
                 "peak_mem_gib": peak_memory_gib(device),
                 "nonfinite_steps": nonfinite_steps,
             }
@@ -412,7 +449,7 @@ def train(cfg: TrainConfig):
             window = new_window()
 
         # ---- previews from the EMA model ----
-        if cfg.sampling_steps > 0 and (step % cfg.sampling_steps == 0 or step == cfg.max_train_steps):
+        if cfg.sampling_steps > 0 and (step % cfg.sampling_steps == 0 or step == total_steps):
             if is_main and decode is not None:
                 from torchvision.utils import save_image
 
@@ -427,7 +464,7 @@ def train(cfg: TrainConfig):
             accelerator.wait_for_everyone()
 
         # ---- checkpoints: official keys + what exact resume needs ----
-        if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
+        if step % cfg.checkpointing_steps == 0 or step == total_steps:
             if is_main:
                 state = {
                     "model": raw_model.state_dict(),
@@ -436,6 +473,7 @@ def train(cfg: TrainConfig):
                     "args": argparse.Namespace(**cfg.to_dict()),  # official field: readable by REPA's scripts
                     "steps": step,
                     "config": cfg.to_dict(),
+                    "model_kwargs": model_kwargs,
                     "nonfinite_steps": nonfinite_steps,
                     "data_position": position,
                 }

@@ -85,3 +85,19 @@ def test_every_config_parses_and_builds_on_meta(path):
             encoder_depth=c.encoder_depth,
         )
     assert len(model.blocks) >= c.encoder_depth
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--checkpointing-steps", "0", "'checkpointing_steps' .*must be positive"),
+        ("--log-every", "0", "'log_every' .*must be positive"),
+        ("--batch-size", "0", "'batch_size' .*must be positive"),
+        ("--epochs", "0", "'epochs' .*must be positive"),
+        ("--sampling-steps", "-1", "'sampling_steps' .*must be >= 0"),
+        ("--resolution", "36", "36 is not a multiple of 8"),
+    ],
+)
+def test_bad_counts_fail_when_parsing_not_mid_run(flag, value, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config([flag, value])

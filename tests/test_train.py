@@ -62,6 +62,9 @@ def test_resume_is_bit_identical(demo_data, tmp_path):
     assert a["model"]["final_layer.linear.weight"].abs().sum() > 0
     stats = [json.loads(line) for line in (straight / "run" / "stats.jsonl").read_text().splitlines()]
     assert [s["step"] for s in stats] == [1, 2, 3, 4, 5, 6]
+    resumed = [json.loads(line) for line in (split / "run" / "stats.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in resumed] == [1, 2, 3, 4, 5, 6]  # one line per step across the resume
+    assert a["model_kwargs"]["depth"] == 3 and a["model_kwargs"]["z_dims"] == [384]
     assert all(-1 <= s["proj_loss"] <= 1 for s in stats) and stats[0]["grad_norm"] > 0
     assert (straight / "run" / "loss.png").stat().st_size > 0
     assert (straight / "run" / "config.yaml").read_text().startswith("output_dir:")
@@ -151,16 +154,49 @@ def test_latent_pipeline_train_then_sample_with_the_vae(tmp_path, tiny_vae):
     assert arrays.shape == (4, 32, 32, 3)  # decoded back to 32 px images
 
 
-def test_gradient_accumulation_logs_every_optimizer_step(demo_data, tmp_path):
-    run_train(tiny_argv(demo_data, tmp_path, gradient_accumulation_steps=2, max_train_steps=3))
+def test_gradient_accumulation_logs_every_optimizer_step(demo_data, tmp_path, capsys):
+    run_train(tiny_argv(demo_data, tmp_path, gradient_accumulation_steps=2, max_train_steps=3, batch_size=2))
     stats = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
     assert [s["step"] for s in stats] == [1, 2, 3] and all(s["grad_norm"] > 0 for s in stats)
+    assert [s["images_seen"] for s in stats] == [4, 8, 12]
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "0000003.pt")
-    assert ckpt["data_position"] == 12  # 3 optimizer steps x global batch 4 (2 micro-batches of 2)
+    # --batch-size keeps the official meaning (images per micro-step): 3 steps x 2 micro-batches x 2 images.
+    assert ckpt["data_position"] == 12
+    out = capsys.readouterr()
+    assert "batch: 2 per micro-step x 2 accumulation = 4 images per optimizer step" in out.out + out.err
+
+
+def test_epochs_stop_training_like_the_official_loop(demo_data, tmp_path):
+    # 24 items, batch 4: 6 steps per epoch; the official loop stops after `epochs` passes.
+    run_train(tiny_argv(demo_data, tmp_path, epochs=1, max_train_steps=50, checkpointing_steps=50))
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["0000006.pt"]
+
+
+def test_stale_temporary_checkpoints_are_removed(demo_data, tmp_path):
+    run_train(tiny_argv(demo_data, tmp_path, max_train_steps=1, checkpointing_steps=1))
+    leftover = tmp_path / "run" / "checkpoints" / ".0000002.pt.abc123.tmp"  # a write killed mid-way
+    leftover.write_bytes(b"partial")
+    run_train(tiny_argv(demo_data, tmp_path, max_train_steps=2, checkpointing_steps=1))
+    assert not leftover.exists()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["0000001.pt", "0000002.pt"]
+
+
+def test_label_at_or_above_num_classes_is_refused_at_start(demo_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    meta_path = data / "images" / "dataset.json"
+    meta = json.loads(meta_path.read_text())
+    meta["labels"][5][1] = 4  # == num_classes: would silently train as the null class
+    meta.pop("class_names", None)
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"label 4 at item 5\) but --num-classes is 4: labels must lie in 0\.\.3"):
+        run_train(tiny_argv(data, tmp_path))
 
 
 def test_bad_runs_fail_early_and_name_the_problem(demo_data, tmp_path):
-    with pytest.raises(ValueError, match="has 4 classes but --num-classes is 3"):
+    with pytest.raises(ValueError, match=r"has 4 classes \(label 3 at item \d+\) but --num-classes is 3"):
         run_train(tiny_argv(demo_data, tmp_path, num_classes=3))
     with pytest.raises(ValueError, match="encoder_depth"):
         run_train(tiny_argv(demo_data, tmp_path, encoder_depth=7))  # the tiny model has 3 blocks
@@ -178,3 +214,51 @@ def test_missing_tracker_package_is_an_error(demo_data, tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ModuleNotFoundError, match="pip install wandb"):
         run_train(tiny_argv(demo_data, tmp_path, report_to="wandb"))
+
+
+def test_disk_full_during_a_checkpoint_says_so_and_keeps_the_previous_one(tmp_path):
+    import errno
+
+    from checkpoints import save_checkpoint
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    # A real full disk: a 256 KiB tmpfs (root can mount one; elsewhere the test cannot be run).
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        save_checkpoint({"w": torch.zeros(1000)}, mount / "0000001.pt")
+        with pytest.raises(OSError, match=r"no space left on the device while writing checkpoint .*0000002.pt") as info:
+            save_checkpoint({"w": torch.zeros(200_000)}, mount / "0000002.pt")  # 800 KB
+        assert info.value.errno == errno.ENOSPC
+        assert sorted(p.name for p in mount.iterdir()) == ["0000001.pt"]  # no partial file, the old one kept
+        assert torch.equal(load_checkpoint(mount / "0000001.pt")["w"], torch.zeros(1000))
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_torch_zip_writer_errors_on_a_full_disk_are_named(tmp_path, monkeypatch):
+    import checkpoints
+
+    def failing_save(obj, f):  # what torch raises when the disk fills up under its zip writer
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(checkpoints.torch, "save", failing_save)
+    with pytest.raises(OSError, match="no space left on the device"):
+        checkpoints.save_checkpoint({}, tmp_path / "0000001.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_broken_local_vae_is_an_error_a_missing_hub_vae_turns_previews_off(tmp_path):
+    from models.vae import VAENotFoundError, load_vae
+
+    broken = tmp_path / "broken-vae"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(RuntimeError, match="broken-vae: the folder does not hold a loadable AutoencoderKL"):
+        load_vae(str(broken))
+    with pytest.raises(VAENotFoundError, match="no such folder"):
+        load_vae(str(tmp_path / "absent"))
+    with pytest.raises(VAENotFoundError, match="cannot find the VAE 'stabilityai/sd-vae-ft-ema'"):
+        load_vae("ema")  # offline in the tests (HF_HUB_OFFLINE=1), nothing cached
