@@ -40,6 +40,7 @@ class DiT(SiT):
         encoder_depth=8,  # 1-based block whose output is projected (8 for DiT-L/2 and DiT-XL/2)
         projector_dim=2048,
         qk_norm=False,
+        fused_attn=True,  # official flag: False computes attention explicitly (same output, slower)
     ):
         super().__init__(
             input_size=input_size,
@@ -55,6 +56,7 @@ class DiT(SiT):
             encoder_depth=encoder_depth,
             projector_dim=projector_dim,
             qk_norm=qk_norm,
+            fused_attn=fused_attn,
             out_channels=2 * in_channels if learn_sigma else in_channels,
         )
         self.learn_sigma = learn_sigma

@@ -9,7 +9,8 @@ State-dict keys are identical to the official REPA code, so its checkpoints (`mo
 load with strict=True. Differences from the official module, all deliberate:
   * SiT-S works: the final layer is built at the model's own width (officially it is always 768).
   * Attention is written here on top of `F.scaled_dot_product_attention`, with timm's key names
-    (`qkv`, `proj`, `q_norm`, `k_norm`), so `qk_norm=True` works without depending on timm internals.
+    (`qkv`, `proj`, `q_norm`, `k_norm`), so `qk_norm=True` works without depending on timm internals;
+    `fused_attn=False` switches every block to the explicit softmax(q k^T / sqrt(d)) v, as officially.
   * `pos_embed` is a persistent buffer (same key) rather than a frozen parameter, so optimizers, EMA
     and gradient clipping never see it.
   * Bad shapes, labels and depths raise errors that name the value.
@@ -122,26 +123,40 @@ def modulate(x, shift, scale):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with timm's parameter names; optional LayerNorm on q and k per head."""
+    """Multi-head self-attention with timm's parameter names; optional LayerNorm on q and k per head.
 
-    def __init__(self, dim, num_heads, qk_norm=False):
+    `fused_attn` (the official flag, an attribute as in timm) picks the kernel, not the math: True runs
+    `F.scaled_dot_product_attention`, False the explicit softmax(q k^T / sqrt(head_dim)) v, whose
+    probabilities come from `_attention_probs`. Both agree to float rounding; state-dict keys are the same.
+    """
+
+    def __init__(self, dim, num_heads, qk_norm=False, fused_attn=True):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.fused_attn = fused_attn
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
+
+    def _attention_probs(self, q, k):
+        """(N, heads, T, head_dim) queries and keys -> (N, heads, T_query, T_key) probabilities over keys."""
+        return (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
 
     def forward(self, x):
         N, T, D = x.shape
         qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (N, heads, T, head_dim)
         q, k = self.q_norm(q), self.k_norm(k)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(N, T, D))
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            x = self._attention_probs(q, k) @ v
+        return self.proj(x.transpose(1, 2).reshape(N, T, D))  # (N, heads, T, head_dim) -> (N, T, D)
 
 
 class Mlp(nn.Module):
@@ -160,10 +175,10 @@ class Mlp(nn.Module):
 class SiTBlock(nn.Module):
     """Transformer block with adaLN-Zero: the condition c sets shift, scale and a residual gate."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, qk_norm=False):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, qk_norm=False, fused_attn=True):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, fused_attn=fused_attn)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
@@ -232,6 +247,7 @@ class SiT(nn.Module):
         encoder_depth=8,  # 1-based block whose output is projected (8 for L/XL, 4 for B in the paper)
         projector_dim=2048,
         qk_norm=False,
+        fused_attn=True,  # official flag: False computes attention explicitly (same output, slower)
         out_channels=None,  # channels of the prediction; None = in_channels (DiT passes 2x for learned sigma)
     ):
         super().__init__()
@@ -257,7 +273,10 @@ class SiT(nn.Module):
         self.register_buffer("pos_embed", pos_embed)  # (1, T, D)
 
         self.blocks = nn.ModuleList(
-            [SiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm) for _ in range(depth)]
+            [
+                SiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm, fused_attn=fused_attn)
+                for _ in range(depth)
+            ]
         )
         self.projectors = nn.ModuleList([build_projector(hidden_size, projector_dim, z) for z in self.z_dims])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)

@@ -251,6 +251,48 @@ def test_ddim_maps_noise_deterministically_onto_the_data():
     torch.testing.assert_close(ddim_sampler(model, x_T, y, num_steps=200), mu + s * x_T, atol=0.05, rtol=0)
 
 
+class AffineEps(torch.nn.Module):
+    """eps-only output (C channels) eps = 0.3 x + 0.1 t, known in closed form; records the states it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.states = []
+
+    def forward(self, x, t, y):
+        self.states.append(x.clone())
+        return 0.3 * x + 0.1 * t.double().view(-1, 1, 1, 1), []
+
+
+@pytest.mark.parametrize("eta", [0.7, 1.0])
+def test_ddim_step_with_eta_against_song_et_al(eta):
+    # A 3-step process with betas 0.1, 0.3, 0.5: abar = 0.9, 0.63, 0.315 by hand. The first DDIM step goes
+    # from timestep 2 (abar 0.315) to timestep 1 (abar_prev 0.63), and the model sees its result next.
+    process = GaussianDiffusion(torch.tensor([0.1, 0.3, 0.5], dtype=torch.float64))
+    abar, abar_prev = 0.9 * 0.7 * 0.5, 0.9 * 0.7
+    gen = torch.Generator().manual_seed(0)
+    x_T = torch.randn(4096, 1, 2, 2, generator=gen, dtype=torch.float64)
+    model = AffineEps()
+    y = torch.zeros(4096, dtype=torch.long)
+    ddim_sampler(model, x_T, y, num_steps=3, eta=eta, diffusion=process, generator=torch.Generator().manual_seed(7))
+    x_next = model.states[1]
+    # Song et al. 2021, Eq. 12 and 16.
+    eps = 0.3 * x_T + 0.1 * 2
+    x0_pred = (x_T - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+    sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar)) * math.sqrt(1 - abar / abar_prev)
+    mean = math.sqrt(abar_prev) * x0_pred + math.sqrt(1 - abar_prev - sigma**2) * eps
+    assert 0.1 < sigma**2 < 1 - abar_prev - 0.05  # both the eps direction and the noise are sizeable here
+    # The stochastic part: zero-mean noise of variance sigma^2, independent of x_T (16384 values).
+    residual = (x_next - mean).flatten()
+    assert residual.mean().item() == pytest.approx(0.0, abs=4 * sigma / math.sqrt(residual.numel()))
+    assert residual.var().item() / sigma**2 == pytest.approx(1.0, abs=0.05)
+    assert abs(torch.corrcoef(torch.stack([residual, x_T.flatten()]))[0, 1].item()) < 0.05
+    # Exactly, with the injected noise: the step's noise is the generator's first draw.
+    z = torch.randn(x_T.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    torch.testing.assert_close(x_next, mean + sigma * z, rtol=1e-10, atol=1e-10)
+    if eta == 1.0:  # eta = 1 is the DDPM posterior variance beta_tilde of the step
+        assert sigma**2 == pytest.approx(process.posterior_variance[2].item(), rel=1e-12)
+
+
 def test_guidance_interval_in_normalised_time():
     means = torch.tensor([[1.0], [2.0], [-1.0]], dtype=torch.float64)  # 2 classes + null
     model = GaussianEps(means, 0.5, DIFF.respace(space_timesteps(1000, 10)))  # steps 999, 888, ..., 111, 0

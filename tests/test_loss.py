@@ -80,6 +80,31 @@ def test_lognormal_time_has_lognormal_noise_ratio(path_type):
     assert 0 <= u.min() and u.max() < 1 and u.mean().item() == pytest.approx(0.5, abs=0.005)
 
 
+# The path's noise-to-signal ratio sigma(t) / alpha(t), written out: linear t / (1 - t), cosine tan(pi t / 2).
+LOG_NOISE_RATIO = {"linear": torch.logit, "cosine": lambda t: torch.log(torch.tan(math.pi / 2 * t))}
+MEDIAN_TIME = {"linear": torch.sigmoid, "cosine": lambda m: 2 / math.pi * torch.atan(torch.exp(m))}
+
+
+@pytest.mark.parametrize("p_mean, p_std", [(-1.2, 1.0), (0.8, 1.6)])
+@pytest.mark.parametrize("path_type", ["linear", "cosine"])
+def test_lognormal_time_with_shifted_mean_matches_closed_form(path_type, p_mean, p_std):
+    # EDM-style: log sigma ~ N(p_mean, p_std^2), and t is where the path's noise-to-signal ratio equals sigma:
+    # logit(t) = log sigma (linear), tan(pi t / 2) = sigma (cosine). p_mean != 0 makes the law asymmetric in
+    # t <-> 1 - t, so a reversed map (e.g. t = 1 / (1 + sigma)) flips the sign of the shift and fails here.
+    gen = torch.Generator().manual_seed(0)
+    t = sample_time(200_000, "lognormal", path_type, generator=gen, p_mean=p_mean, p_std=p_std).double()
+    log_sigma = LOG_NOISE_RATIO[path_type](t)
+    assert log_sigma.mean().item() == pytest.approx(p_mean, abs=0.01 * p_std)  # standard error 0.0022 p_std
+    assert log_sigma.std().item() == pytest.approx(p_std, rel=0.01)
+    # The sign of the shift, in t itself: P(t < 1/2) = P(log sigma < 0) = Phi(-p_mean / p_std), and the
+    # median time is where sigma = exp(p_mean).
+    below_half = 0.5 * math.erfc(p_mean / (p_std * math.sqrt(2)))
+    assert (t < 0.5).double().mean().item() == pytest.approx(below_half, abs=0.005)
+    median = MEDIAN_TIME[path_type](torch.tensor(p_mean, dtype=torch.float64)).item()
+    assert t.median().item() == pytest.approx(median, abs=0.005)
+    assert (median < 0.5) == (p_mean < 0)
+
+
 def test_alignment_loss_against_hand_computation():
     torch.manual_seed(0)
     z1, t1 = torch.randn(3, 5, 8), torch.randn(3, 5, 8)

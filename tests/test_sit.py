@@ -1,25 +1,28 @@
 """SiT backbone: equivalence with the official implementation, registry, checkpoint loading, errors."""
 
 import argparse
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from checkpoints import load_checkpoint, model_state_dict, save_checkpoint
-from models.sit import SIT_SIZES, SiT, SiT_models, get_2d_sincos_pos_embed, sit_flops
+from models.dit import DiT
+from models.sit import SIT_SIZES, Attention, SiT, SiT_models, get_2d_sincos_pos_embed, sit_flops
 
 # Keys of the official constructor that this SiT does not take: path_type and use_cfg were unused there,
-# decoder_hidden_size must equal hidden_size (its default 768 is what broke SiT-S), fused_attn is always on.
-OFFICIAL_ONLY_KEYS = ("path_type", "use_cfg", "decoder_hidden_size", "fused_attn")
+# decoder_hidden_size must equal hidden_size (its default 768 is what broke SiT-S).
+OFFICIAL_ONLY_KEYS = ("path_type", "use_cfg", "decoder_hidden_size")
 
 
-def reference_model(testdata):
+def reference_model(testdata, **overrides):
     ref = torch.load(testdata / "repa_sit_reference_tiny.pt", weights_only=True)
     config = dict(ref["config"])
     assert config["decoder_hidden_size"] == config["hidden_size"]
     for key in OFFICIAL_ONLY_KEYS:
         config.pop(key, None)
-    model = SiT(**config).eval()
+    model = SiT(**config | overrides).eval()
     return ref, model
 
 
@@ -29,8 +32,9 @@ def test_fixed_pos_embed_matches_official(testdata):
     torch.testing.assert_close(model.pos_embed, ref["state_dict"]["pos_embed"], rtol=0, atol=1e-6)
 
 
-def test_forward_matches_official_reference(testdata):
-    ref, model = reference_model(testdata)
+@pytest.mark.parametrize("fused_attn", [True, False])
+def test_forward_matches_official_reference(testdata, fused_attn):
+    ref, model = reference_model(testdata, fused_attn=fused_attn)
     model.load_state_dict(ref["state_dict"], strict=True)
     with torch.no_grad():
         v, zs = model(ref["x"], ref["t"], ref["y"])
@@ -85,19 +89,131 @@ def test_paper_flops():
         assert sit_flops(model) / 2e9 == pytest.approx(gmacs, rel=0.02), name
 
 
-def test_qk_norm_works_and_has_timm_keys():
-    model = SiT(input_size=8, hidden_size=64, depth=2, num_heads=4, num_classes=10, encoder_depth=1, qk_norm=True)
+TINY = dict(input_size=8, hidden_size=64, depth=3, num_heads=4, num_classes=10, encoder_depth=2, z_dims=(16,))
+# Times as each model takes them: real t in [0, 1] for SiT, integer DDPM timesteps for DiT.
+TIMES = {SiT: torch.tensor([0.1, 0.5, 0.9]), DiT: torch.tensor([100, 500, 900])}
+
+
+def zero_init_layers(model):
+    """The linear layers adaLN-Zero starts at zero: every block's modulation, the final modulation and output."""
+    final = model.final_layer
+    return [block.adaLN_modulation[-1] for block in model.blocks] + [final.adaLN_modulation[-1], final.linear]
+
+
+def randomize_zero_init_layers(model, std=0.05, seed=0):
+    """Small random values in the adaLN-Zero layers (as after training), so every block acts on the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in zero_init_layers(model):
+            for param in (layer.weight, layer.bias):
+                param.copy_(std * torch.randn(param.shape, generator=gen))
+
+
+@pytest.mark.parametrize("model_class", [SiT, DiT])
+def test_adaln_zero_init_zeroes_exactly_the_modulation_and_output(model_class):
+    torch.manual_seed(0)
+    model = model_class(**TINY)
+    # DiT's initialize_weights: Xavier weights and zero biases, then the adaLN modulations and the output
+    # linear zeroed. So exactly these weights and the biases are all zero, and no other weight is.
+    expected = {f"blocks.{i}.adaLN_modulation.1.weight" for i in range(TINY["depth"])}
+    expected |= {"final_layer.adaLN_modulation.1.weight", "final_layer.linear.weight"}
+    expected |= {name for name, _ in model.named_parameters() if name.endswith(".bias")}
+    assert {name for name, p in model.named_parameters() if torch.count_nonzero(p) == 0} == expected
+    for layer in zero_init_layers(model):
+        assert torch.count_nonzero(layer.weight) == 0 and torch.count_nonzero(layer.bias) == 0
+
+
+@pytest.mark.parametrize("model_class", [SiT, DiT])
+def test_init_predicts_zero_and_blocks_are_identity(model_class):
+    torch.manual_seed(0)
+    model = model_class(**TINY)
+    seen = []  # (input tokens, output tokens) of each block
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, args, out: seen.append((args[0], out)))
+    x, y = torch.randn(3, 4, 8, 8), torch.tensor([0, 1, 10])
+    with torch.no_grad():
+        out, zs = model(x, TIMES[model_class], y)
+    # Zero gates: x + 0 * attn(...) + 0 * mlp(...) is x itself, bit for bit, in every block.
+    assert len(seen) == TINY["depth"] and all(torch.equal(x_in, x_out) for x_in, x_out in seen)
+    # So the projector at encoder_depth sees the embedded patches, and the zero output layer predicts 0.
+    with torch.no_grad():
+        tokens = model.x_embedder(x) + model.pos_embed  # (N, T, D)
+        torch.testing.assert_close(zs[0], model.projectors[0](tokens))
+    assert torch.count_nonzero(out) == 0 and zs[0].abs().sum() > 0  # projectors are not zero-initialised
+
+
+def reference_attention(attn, x, qk_norm):
+    """Multi-head self-attention from its equations in float64, independent of models/: with qk_norm, q and k
+    go through LayerNorm over each head's channels (eps 1e-5, timm's); then softmax(q k^T / sqrt(d)) v."""
+    sd = {k: v.double() for k, v in attn.state_dict().items()}
+    N, T, D = x.shape
+    H = attn.num_heads
+    d = D // H
+    q, k, v = F.linear(x.double(), sd["qkv.weight"], sd["qkv.bias"]).view(N, T, 3, H, d).unbind(2)  # (N, T, H, d)
+    if qk_norm:
+        q = F.layer_norm(q, (d,), sd["q_norm.weight"], sd["q_norm.bias"], eps=1e-5)
+        k = F.layer_norm(k, (d,), sd["k_norm.weight"], sd["k_norm.bias"], eps=1e-5)
+    weights = torch.einsum("nqhd,nkhd->nhqk", q, k).div(math.sqrt(d)).softmax(-1)
+    out = torch.einsum("nhqk,nkhd->nqhd", weights, v).reshape(N, T, D)
+    return F.linear(out, sd["proj.weight"], sd["proj.bias"])
+
+
+@pytest.mark.parametrize("fused_attn", [True, False])
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_attention_matches_equations(qk_norm, fused_attn):
+    torch.manual_seed(0)
+    attn = Attention(32, 4, qk_norm=qk_norm, fused_attn=fused_attn)
+    if qk_norm:  # away from LayerNorm's (1, 0) init, so that a norm skipped or applied without affine shows
+        with torch.no_grad():
+            for norm in (attn.q_norm, attn.k_norm):
+                norm.weight.uniform_(0.5, 3.0)
+                norm.bias.normal_(std=0.5)
+    x = 2 * torch.randn(2, 10, 32)
+    with torch.no_grad():
+        out = attn(x)
+    torch.testing.assert_close(out.double(), reference_attention(attn, x, qk_norm), rtol=1e-4, atol=1e-5)
+
+
+def test_qk_norm_has_timm_keys_and_its_weights_change_the_output():
+    torch.manual_seed(0)
+    model = SiT(**TINY, qk_norm=True).eval()
     keys = model.state_dict().keys()
     assert {"blocks.0.attn.q_norm.weight", "blocks.0.attn.k_norm.bias"} <= set(keys)
-    v, _ = model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2]))
-    assert torch.isfinite(v).all()
+    randomize_zero_init_layers(model)  # at init the output is 0 whatever attention does
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    with torch.no_grad():
+        v, _ = model(x, t, y)
+        assert torch.isfinite(v).all() and v.abs().max() > 0
+        for norm in (model.blocks[1].attn.q_norm, model.blocks[1].attn.k_norm):
+            saved = norm.weight.clone()
+            norm.weight.mul_(3.0)  # a sharper softmax in block 1
+            v_changed, _ = model(x, t, y)
+            norm.weight.copy_(saved)
+            assert (v_changed - v).abs().max() > 1e-3 * v.abs().max()
 
 
-def test_init_predicts_zero_and_blocks_are_identity():
-    model = SiT(input_size=8, hidden_size=64, depth=2, num_heads=4, num_classes=10, encoder_depth=1)
-    v, zs = model(torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([0, 1, 2]))
-    assert torch.count_nonzero(v) == 0  # zero-initialised output layer
-    assert zs[0].abs().sum() > 0  # projectors are not zero-initialised
+@pytest.mark.parametrize("model_class", [SiT, DiT])
+def test_explicit_attention_equals_fused(model_class, monkeypatch):
+    torch.manual_seed(0)
+    fused = model_class(**TINY, qk_norm=True).eval()
+    randomize_zero_init_layers(fused)
+    explicit = model_class(**TINY, qk_norm=True, fused_attn=False).eval()
+    explicit.load_state_dict(fused.state_dict(), strict=True)  # same keys: checkpoints load either way
+    assert all(b.attn.fused_attn for b in fused.blocks) and not any(b.attn.fused_attn for b in explicit.blocks)
+    x, t, y = torch.randn(3, 4, 8, 8), TIMES[model_class], torch.tensor([0, 1, 10])
+    with torch.no_grad():
+        out_fused, zs_fused = fused(x, t, y)
+
+        def no_fused_kernel(*args, **kwargs):
+            raise AssertionError("fused_attn=False must not call scaled_dot_product_attention")
+
+        monkeypatch.setattr(F, "scaled_dot_product_attention", no_fused_kernel)
+        out_explicit, zs_explicit = explicit(x, t, y)
+        with pytest.raises(AssertionError, match="must not call"):  # the patch is seen by the fused path
+            fused(x, t, y)
+    assert out_fused.abs().max() > 1e-3
+    torch.testing.assert_close(out_explicit, out_fused, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(zs_explicit[0], zs_fused[0], rtol=1e-5, atol=1e-6)
 
 
 def test_no_projectors_for_vanilla_sit():
