@@ -41,7 +41,7 @@ class TrainConfig:
     depth: int = 0
     hidden_size: int = 0
     num_heads: int = 0
-    fused_attn: bool = True  # official flag; attention is always SDPA here, kept so old commands parse
+    fused_attn: bool = True  # official flag: fused SDPA attention; false computes softmax(q k^T) v explicitly
     # --- alignment target ---------------------------------------------------------------------------
     enc_type: str = "dinov2-vit-b"  # comma-separated for several encoders; "none" for vanilla SiT
     enc_ckpt: str = ""  # local encoder weights (comma-separated, matching enc_type)

@@ -277,6 +277,7 @@ def train(cfg: TrainConfig):
         encoder_depth=cfg.encoder_depth,
         projector_dim=cfg.projector_dim,
         qk_norm=cfg.qk_norm,
+        fused_attn=cfg.fused_attn,
     )
     model = MODELS[cfg.model](**model_kwargs).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
