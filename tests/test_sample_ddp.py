@@ -355,3 +355,16 @@ def test_zero_counts_are_refused_when_parsing(flag, capsys):
     with pytest.raises(SystemExit):
         sample_ddp.build_parser().parse_args(["--ckpt", "x", flag, "0"])
     assert "must be a positive integer" in capsys.readouterr().err
+
+
+def test_fused_attn_false_samples_with_explicit_attention(tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt.pt"
+    tiny_pixel_checkpoint(ckpt)
+    fused, _ = run_sample_ddp(tmp_path, ckpt, "fused", "--mode", "ode")
+
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("the fused kernel ran although --fused-attn false")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_sdpa)
+    explicit, _ = run_sample_ddp(tmp_path, ckpt, "explicit", "--mode", "ode", "--fused-attn", "false")
+    assert np.abs(fused.astype(int) - explicit).max() <= 1  # the same attention up to float rounding
