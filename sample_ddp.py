@@ -112,6 +112,8 @@ def load_model(ckpt_path, model_name=None, use_ema=True, encoder_depth=None):
     ckpt = load_checkpoint(ckpt_path)
     settings = checkpoint_settings(ckpt)
     name = model_name or settings.get("model")
+    if model_name and settings.get("model") not in (None, model_name):
+        warnings.warn(f"--model {model_name} overrides the checkpoint's model {settings['model']!r}", stacklevel=2)
     if name not in MODELS:
         raise ValueError(f"{ckpt_path}: model {name!r} unknown or not recorded; pass --model (one of {list(MODELS)})")
     state_dict = model_state_dict(ckpt, use_ema=use_ema, path=ckpt_path)
