@@ -4,6 +4,7 @@ encode with a tiny random AutoencoderKL, resuming after a kill, 2 processes vs 1
 import io
 import json
 import os
+import runpy
 import subprocess
 import sys
 import zipfile
@@ -198,7 +199,7 @@ def test_convert_resumes_after_kill_with_identical_files(converted, tmp_path, mo
         k: v for k, v in fresh_report.items() if k not in ("written", "skipped_existing")
     }
 
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(ValueError, match="other settings"):
         dataset_tools.main(["convert", f"--source={root / 'train'}", f"--dest={dest}", "--resolution=8x8"])
 
 
@@ -215,6 +216,28 @@ def test_convert_zip_to_zip_matches_folder(converted, tmp_path):
     folder = folder_bytes(root / "data" / "images")
     assert packed.keys() == folder.keys() - {".job.json"}
     assert all(packed[n] == folder[n] for n in packed if n != "report.json")
+
+
+def test_cli_errors_are_one_line_exits(tmp_path, monkeypatch):
+    # Library functions raise ordinary exceptions; only `python preprocessing/dataset_tools.py` and
+    # `python -m preprocessing.make_demo_data` turn them into a one-line exit.
+    (tmp_path / "empty").mkdir()
+    script = ROOT / "preprocessing" / "dataset_tools.py"
+    monkeypatch.setattr(
+        sys, "argv", [str(script), "convert", f"--source={tmp_path / 'empty'}", f"--dest={tmp_path / 'x'}"]
+    )
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(str(script), run_name="__main__")
+    assert info.value.code == f"error: {tmp_path / 'empty'}: no image files found"
+    (tmp_path / "real" / "images").mkdir(parents=True)
+    script = ROOT / "preprocessing" / "make_demo_data.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--out", str(tmp_path / "real"), "--per-class=1"])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(str(script), run_name="__main__")
+    assert (
+        info.value.code
+        == f"error: {tmp_path / 'real' / 'images'} exists and is not a demo set; refusing to overwrite it"
+    )
 
 
 # --- encode ---------------------------------------------------------------------------------------
@@ -358,5 +381,5 @@ def test_demo_data_is_deterministic_labelled_and_readable(tmp_path, tiny_vae):
     # A rerun replaces a demo set, but never a folder that is not one.
     (tmp_path / "real" / "images").mkdir(parents=True)
     (tmp_path / "real" / "images" / "dataset.json").write_text('{"labels": null}')
-    with pytest.raises(SystemExit, match="not a demo set"):
+    with pytest.raises(FileExistsError, match="not a demo set"):
         make_demo_data.make_demo_data(str(tmp_path / "real"), per_class=1)
