@@ -21,8 +21,7 @@ from torch.utils.data import Dataset, Sampler
 
 from preprocessing import layout
 
-# The SD-VAE downsamples by 8 (4 levels): a latent item goes with an image of exactly 8x its side.
-VAE_FACTOR = 8
+VAE_FACTOR = layout.VAE_FACTOR  # a latent item goes with an image of exactly 8x its side
 
 
 def load_npy(data: bytes) -> np.ndarray:

@@ -324,6 +324,16 @@ def convert(args) -> int:
     width, height = args.resolution
     if width != height:
         raise ValueError(f"--resolution={width}x{height}: width and height must match for {args.transform}")
+    # Refused before anything is written: `encode` would floor such a side (36 px -> 4x4 latents, not 4.5),
+    # and the SD-VAE's 8x downsampling is what the layout and the paper's settings (256, 512) assume.
+    # Pixel-space data at other sizes is not a paper setting; the demo set does not come through here.
+    factor = layout.VAE_FACTOR
+    if width % factor:
+        nearest = sorted({max(width // factor, 1) * factor, (width // factor + 1) * factor})
+        raise ValueError(
+            f"--resolution={width}x{height}: {width} is not a multiple of {factor} (the SD-VAE downsamples by "
+            f"{factor}, so latents would be floored); the nearest sizes that work are {nearest}"
+        )
     if _zip_is_complete(args.dest, ranks):
         return 0
     store = layout.FileStore(args.source)
@@ -495,6 +505,12 @@ def encode(args) -> int:
     with PIL.Image.open(io.BytesIO(store.read(names[0]))) as first:
         width, height = first.size
     factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for the SD-VAE
+    if width % factor or height % factor:
+        # The VAE would floor the side (36 px -> 4x4 latents): refuse instead of storing misaligned latents.
+        raise ValueError(
+            f"{store.describe(names[0])} is {width}x{height} px, not a multiple of {factor}, the VAE's downsampling "
+            f"factor; convert the images at a resolution divisible by {factor}"
+        )
     shape = (2 * vae.config.latent_channels, height // factor, width // factor)
     settings = {
         "command": "encode",

@@ -218,6 +218,13 @@ def test_convert_zip_to_zip_matches_folder(converted, tmp_path):
     assert all(packed[n] == folder[n] for n in packed if n != "report.json")
 
 
+def test_convert_refuses_a_resolution_not_divisible_by_8_before_writing(converted, tmp_path):
+    root, _ = converted
+    with pytest.raises(ValueError, match=r"--resolution=36x36: 36 is not a multiple of 8.*\[32, 40\]"):
+        run_convert(root / "train", tmp_path / "images", "--resolution=36x36")
+    assert not (tmp_path / "images").exists()
+
+
 def test_cli_errors_are_one_line_exits(tmp_path, monkeypatch):
     # Library functions raise ordinary exceptions; only `python preprocessing/dataset_tools.py` and
     # `python -m preprocessing.make_demo_data` turn them into a one-line exit.
@@ -285,6 +292,20 @@ def test_encode_stores_posterior_mean_and_std(encoded, tiny_vae):
         assert decoded.shape == x.shape
         torch.testing.assert_close(decoded, reference, atol=1e-4, rtol=1e-4)
     assert not (encoded / "vae-sd" / layout.latent_name(3)).exists()  # the failed image's gap stays a gap
+
+
+def test_encode_refuses_images_not_divisible_by_8(tiny_vae, tmp_path):
+    # 36 px would give floored 4x4 latents of a 4.5x4.5 grid: refused before anything is written.
+    images = tmp_path / "images"
+    entries = []
+    for index in range(2):
+        pixels = np.full((36, 36, 3), 40 * index, np.uint8)
+        layout.atomic_write(str(images / layout.image_name(index)), layout.png_bytes(pixels))
+        entries.append([layout.image_name(index), 0])
+    (images / "dataset.json").write_bytes(layout.dataset_json_bytes(entries))
+    with pytest.raises(ValueError, match=r"img00000000.png is 36x36 px, not a multiple of 8"):
+        run_encode(images, tmp_path / "vae-sd", tiny_vae[0])
+    assert not (tmp_path / "vae-sd").exists() and not (tmp_path / "vae-sd-flip").exists()
 
 
 def test_encode_resumes_after_kill(encoded, tiny_vae, tmp_path, monkeypatch):
