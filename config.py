@@ -166,7 +166,11 @@ def load_yaml_config(path, base: TrainConfig | None = None) -> TrainConfig:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config {path}: no such file")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        with open(path) as f:  # a stream, not its text: YAML errors then give this path, not "<unicode string>"
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"--config {path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
     return config_from_dict(data, base, source=str(path))

@@ -21,6 +21,23 @@ from torch.utils.data import Dataset, Sampler
 
 from preprocessing import layout
 
+VAE_FACTOR = layout.VAE_FACTOR  # a latent item goes with an image of exactly 8x its side
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """The array in .npy file bytes. Never unpickles: an array of Python objects is refused, since loading
+    it would run whatever code its pickle names; training data is plain uint8 / float32 arrays."""
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)  # ValueError for an empty, truncated or non-.npy file
+    if version in ((1, 0), (2, 0)):  # what np.save writes; np.load below refuses objects in the others too
+        _shape, _fortran, dtype = getattr(np.lib.format, f"read_array_header_{version[0]}_0")(stream)
+        if dtype.hasobject:
+            raise ValueError(
+                f"it holds an array of Python objects (dtype {dtype}), which would have to be unpickled; "
+                "refused: store a numeric array (np.save of a float32 / uint8 array)"
+            )
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
 
 class ImageLatentDataset(Dataset):
     """Images, VAE moments (or pixels) and labels of a data folder; checked for consistency at start.
@@ -67,10 +84,7 @@ class ImageLatentDataset(Dataset):
         self.num_items = len(image_names)
         self.flip = flip
         self.flipped_moments = self._open_flipped(latents_name) if (flip and latents) else None
-        # Shapes from the first item; every item is checked against them as it loads (cheap).
-        self.image_shape = self.x_shape = None
-        self.image_shape = tuple(self._load_image(0).shape)
-        self.x_shape = tuple(self._load_x(0, False).shape) if latents else self.image_shape
+        self.image_shape = self.x_shape = None  # set by the check; every item is checked as it loads (cheap)
         self._check_shapes()
 
     # --- Consistency checks at start ---------------------------------------------------------------
@@ -118,8 +132,24 @@ class ImageLatentDataset(Dataset):
                 "(an interrupted preprocessing run? rerun the same command to finish it)"
             )
         labels = np.array([by_name[k] for k in keys], dtype=np.int64)
-        if labels.min() < 0:
-            raise ValueError(f"{where}: negative label {labels.min()}")
+        class_names = meta.get("class_names")
+        if class_names is not None and not isinstance(class_names, list):
+            raise ValueError(f'{where}: "class_names" must be a list of names, got {type(class_names).__name__}')
+        # Label l names class_names[l]: a label past the list would index nothing (and num_classes, taken
+        # from the list, would be too small for the label embedding), so refuse it before training starts.
+        bad = labels < 0
+        if class_names is not None:
+            bad |= labels >= len(class_names)
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            allowed = (
+                f"0..{len(class_names) - 1} (class_names has {len(class_names)} entries)"
+                if class_names is not None
+                else ">= 0"
+            )
+            raise ValueError(
+                f"{where}: item {k} ({keys[k]}) has label {labels[k]}, outside {allowed}; {bad.sum()} item(s) in all"
+            )
         image_labels = layout.labels_by_name(self._image_meta, self.images.describe(layout.DATASET_JSON))
         if store is not self.images and image_labels is not None:
             for k, (name, label) in enumerate(zip(image_names, labels)):
@@ -128,7 +158,7 @@ class ImageLatentDataset(Dataset):
                         f"label mismatch for item {k}: {self.images.describe(layout.DATASET_JSON)} says "
                         f"{image_labels[name]} for {name}, {where} says {label} for {keys[k]}"
                     )
-        return labels, meta.get("class_names")
+        return labels, class_names
 
     def _open_flipped(self, latents_name: str) -> layout.FileStore | None:
         store = layout.open_store(self.data_dir, latents_name + "-flip")
@@ -145,46 +175,88 @@ class ImageLatentDataset(Dataset):
         return store
 
     def _check_shapes(self) -> None:
+        """Set image_shape and x_shape, which every item is checked against as it loads.
+
+        They are the shapes most of items 0, middle and last share (item 0's on a three-way tie), not item
+        0's alone: a bad item 0 is then named itself, instead of the good files that disagree with it. A
+        folder where two resolutions got mixed fails here, not mid-training. The shared shapes must be an
+        RGB image and the (2C, H/8, W/8) moments of its SD-VAE latent, C being the stored channel count.
+        """
+        probes = sorted({0, self.num_items // 2, self.num_items - 1})
+        images = [tuple(self._load_image(k).shape) for k in probes]
+        xs = [tuple(self._load_x(k, False).shape) for k in probes] if self.latents else images
+        self.image_shape = max(images, key=images.count)  # max() keeps the first (item 0's) on ties
+        self.x_shape = max(xs, key=xs.count)
+        for k in probes:  # names the odd file out, if any
+            self._load_image(k)
+            if self.latents:
+                self._load_x(k, False)
+
+        # Every probe now has these shapes, item 0 included: its files stand for the whole folder.
+        image_where = self.images.describe(self.image_names[0])
         channels, height, width = self.image_shape
         if channels != 3:
-            raise ValueError(f"{self.images.describe(self.image_names[0])} has {channels} channels, expected 3")
-        if self.latents:
-            c, h, w = self.x_shape
-            if c % 2 or height % h or width % w or height // h != width // w:
-                raise ValueError(
-                    f"{self.moments.describe(self.latent_names[0])} is {self.x_shape}, not (2C, H/f, W/f) "
-                    f"of a {self.image_shape} image (mean and std of a VAE latent)"
-                )
-        # The last item too: a folder where two resolutions got mixed fails now, not mid-training.
-        self._load_image(self.num_items - 1)
-        if self.latents:
-            self._load_x(self.num_items - 1, False)
+            raise ValueError(f"item 0: {image_where} has {channels} channels, expected 3")
+        if not self.latents:
+            return
+        latent_where = self.moments.describe(self.latent_names[0])
+        if height % VAE_FACTOR or width % VAE_FACTOR:
+            raise ValueError(
+                f"item 0: {image_where} is {width}x{height} px, not a multiple of {VAE_FACTOR}: the SD-VAE "
+                f"downsamples by {VAE_FACTOR}, so its latent {latent_where} is floored; convert the images at a "
+                f"resolution divisible by {VAE_FACTOR}"
+            )
+        x = self.x_shape
+        expected = (x[0] if x else "2C", height // VAE_FACTOR, width // VAE_FACTOR)
+        if len(x) != 3 or x[0] % 2 or x != expected:
+            raise ValueError(
+                f"item 0: {latent_where} is {x}, not (2C, H/{VAE_FACTOR}, W/{VAE_FACTOR}) = {expected} of its "
+                f"{self.image_shape} image {image_where} (mean and std of its SD-VAE latent); rerun `encode`"
+            )
 
     # --- Loading -----------------------------------------------------------------------------------
 
     def _load_image(self, k: int) -> np.ndarray:
         """(3, H, W) uint8 of item k."""
         name = str(self.image_names[k])
-        data = self.images.read(name)
-        if layout.extension(name) == ".npy":
-            image = np.load(io.BytesIO(data))
-            image = image.reshape(-1, *image.shape[-2:])
-        else:
-            with PIL.Image.open(io.BytesIO(data)) as pil_image:
-                image = np.asarray(pil_image)
-            image = image.reshape(*image.shape[:2], -1).transpose(2, 0, 1)  # (H, W[, C]) -> (C, H, W)
+        try:
+            data = self.images.read(name)
+            if layout.extension(name) == ".npy":
+                image = load_npy(data)
+                image = image.reshape(-1, *image.shape[-2:])
+            else:
+                with PIL.Image.open(io.BytesIO(data)) as pil_image:
+                    image = np.asarray(pil_image)
+                image = image.reshape(*image.shape[:2], -1).transpose(2, 0, 1)  # (H, W[, C]) -> (C, H, W)
+        except Exception as err:
+            # Decoders raise many types on bad bytes (OSError, SyntaxError, ValueError, struct.error, ...);
+            # each gets the file's name and item, so that a bad file mid-run can be found and replaced.
+            raise ValueError(
+                f"item {k}: cannot read image {self.images.describe(name)} (empty, truncated or corrupt?): "
+                f"{type(err).__name__}: {err}; delete it and rerun the same `dataset_tools.py convert` command"
+            ) from err
         if self.image_shape is not None and image.shape != self.image_shape:
-            raise ValueError(f"{self.images.describe(name)} is {image.shape}, the first image is {self.image_shape}")
+            raise ValueError(
+                f"item {k}: {self.images.describe(name)} is {image.shape}, expected {self.image_shape} like the "
+                "other images"
+            )
         return image
 
     def _load_x(self, k: int, mirrored: bool) -> np.ndarray:
         """(2C, h, w) float32 moments of item k (of its mirror image when `mirrored`)."""
         store = self.flipped_moments if (mirrored and self.flipped_moments is not None) else self.moments
         name = str(self.latent_names[k])
-        moments = np.load(io.BytesIO(store.read(name)))
+        try:
+            moments = load_npy(store.read(name))
+        except Exception as err:  # as in _load_image: every reason a file cannot be read names it
+            raise ValueError(
+                f"item {k}: cannot read latent {store.describe(name)} (empty, truncated or not a numeric .npy?): "
+                f"{type(err).__name__}: {err}; delete it and rerun the same `dataset_tools.py encode` command"
+            ) from err
         if self.x_shape is not None and (moments.shape != self.x_shape or moments.dtype != np.float32):
             raise ValueError(
-                f"{store.describe(name)} is {moments.dtype} {moments.shape}, expected float32 {self.x_shape}"
+                f"item {k}: {store.describe(name)} is {moments.dtype} {moments.shape}, expected float32 "
+                f"{self.x_shape} like the other latents"
             )
         if mirrored and store is self.moments:
             moments = moments[:, :, ::-1]
@@ -208,7 +280,13 @@ class ImageLatentDataset(Dataset):
 
     @property
     def num_classes(self) -> int:
-        return len(self.class_names) if self.class_names else int(self.labels.max()) + 1
+        """len(class_names) when dataset.json names them (labels are checked to be below it), else max + 1."""
+        return len(self.class_names) if self.class_names else self.max_label + 1
+
+    @property
+    def max_label(self) -> int:
+        """The largest label of the items: a model needs num_classes > max_label."""
+        return int(self.labels.max())
 
 
 # The official train.py builds `CustomDataset(data_dir)`; same items, so ported scripts keep working.

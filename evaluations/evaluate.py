@@ -40,8 +40,9 @@ CACHE_FORMAT = 1  # bump when the cache's contents change meaning
 class NpzImages:
     """An `arr_0` array of an .npz, read in batches from the zip stream (50K x 256^2 x 3 is ~10 GB)."""
 
-    def __init__(self, stream, shape, dtype):
+    def __init__(self, stream, shape, dtype, path: Path | None = None):
         self.stream, self.shape, self.dtype = stream, tuple(shape), np.dtype(dtype)
+        self.path = path  # for error messages
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -53,9 +54,12 @@ class NpzImages:
             data = bytearray(count * row_bytes)  # writable, so torch.from_numpy takes it as is
             view, filled = memoryview(data), 0
             while filled < len(data):  # zip streams may return short reads
-                got = self.stream.readinto(view[filled:])
+                try:
+                    got = self.stream.readinto(view[filled:])
+                except (OSError, EOFError, zipfile.BadZipFile) as err:  # e.g. "Bad CRC-32" of damaged data
+                    raise unreadable_batch(self.path, err) from err
                 if not got:
-                    raise ValueError(f"truncated array data: expected {len(data)} bytes, got {filled}")
+                    raise ValueError(f"{self.path}: truncated array data: expected {len(data)} bytes, got {filled}")
                 filled += got
             yield np.frombuffer(data, dtype=self.dtype).reshape(count, *self.shape[1:])
 
@@ -73,29 +77,69 @@ class _InMemory:
         return count
 
 
+# What numpy and zipfile raise on a damaged, truncated or non-.npz file, or an object array (which
+# np.load refuses without allow_pickle); their messages do not say which file.
+_READ_ERRORS = (OSError, EOFError, ValueError, zipfile.BadZipFile)
+
+
+def unreadable_batch(path: Path | None, err: Exception) -> ValueError:
+    return ValueError(
+        f"{path}: cannot read it as an ADM batch (an .npz of numeric arrays, e.g. uint8 `arr_0` images; arrays "
+        f"of Python objects are never unpickled): {type(err).__name__}: {err}"
+    )
+
+
+def load_npz(path: Path):
+    """np.load of an .npz batch, never unpickling; errors name the file. Use as a context manager."""
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except _READ_ERRORS as err:
+        raise unreadable_batch(path, err) from err
+    if not isinstance(npz, np.lib.npyio.NpzFile):  # a lone .npy array under an .npz name
+        raise ValueError(
+            f"{path}: holds a single .npy array, not an .npz batch (write it with np.savez(path, arr_0=x))"
+        )
+    return npz
+
+
+def read_array(npz, key: str, path: Path) -> np.ndarray:
+    """One array of an open .npz; an object array or damaged member raises an error naming the file."""
+    try:
+        return npz[key]
+    except _READ_ERRORS as err:
+        raise unreadable_batch(path, err) from err
+
+
 @contextmanager
 def open_images(path: Path, key: str = "arr_0"):
     """Yields an NpzImages over `key` of the .npz at `path`, checked to be uint8 (N, H, W, 3)."""
-    with zipfile.ZipFile(path) as archive:
+    try:
+        archive = zipfile.ZipFile(path)
+    except _READ_ERRORS as err:
+        raise unreadable_batch(path, err) from err
+    with archive:
         member = f"{key}.npy"
         if member not in archive.namelist():
             raise KeyError(f"{path}: no array '{key}' (arrays: {[n[:-4] for n in archive.namelist()]})")
         with archive.open(member) as stream:
-            version = np.lib.format.read_magic(stream)
-            shape, fortran_order, dtype = None, True, None
-            if version in ((1, 0), (2, 0)):
-                read_header = getattr(np.lib.format, f"read_array_header_{version[0]}_0")
-                shape, fortran_order, dtype = read_header(stream)
+            try:
+                version = np.lib.format.read_magic(stream)
+                shape, fortran_order, dtype = None, True, None
+                if version in ((1, 0), (2, 0)):
+                    read_header = getattr(np.lib.format, f"read_array_header_{version[0]}_0")
+                    shape, fortran_order, dtype = read_header(stream)
+            except _READ_ERRORS as err:
+                raise unreadable_batch(path, err) from err
             if fortran_order:  # also npy format 3, whose header has no public reader: load it whole
-                with np.load(path) as npz:
-                    array = npz[key]
+                with load_npz(path) as npz:
+                    array = read_array(npz, key, path)
                 shape, dtype, stream = array.shape, array.dtype, _InMemory(array)
             if np.dtype(dtype) != np.uint8 or len(shape) != 4 or shape[-1] != 3:
                 raise ValueError(
                     f"{path}: '{key}' must be uint8 images of shape (N, H, W, 3) as in ADM batches, "
                     f"got dtype {dtype} and shape {shape}"
                 )
-            yield NpzImages(stream, shape, dtype)
+            yield NpzImages(stream, shape, dtype, path)
 
 
 def compute_activations(
@@ -118,10 +162,10 @@ def precomputed_statistics(path: Path) -> dict[str, np.ndarray]:
     expected = {"mu": (POOL_DIM,), "sigma": (POOL_DIM, POOL_DIM), "mu_s": (SPATIAL_DIM,)}
     expected["sigma_s"] = (SPATIAL_DIM, SPATIAL_DIM)
     found = {}
-    with np.load(path) as npz:
+    with load_npz(path) as npz:
         for key, shape in expected.items():
             if key in npz.files:
-                found[key] = npz[key].astype(np.float64)
+                found[key] = read_array(npz, key, path).astype(np.float64)
                 if found[key].shape != shape:
                     raise ValueError(f"{path}: '{key}' has shape {found[key].shape}, expected {shape}")
     for mean, cov in (("mu", "sigma"), ("mu_s", "sigma_s")):
@@ -198,7 +242,7 @@ def reference_summary(
     model: InceptionV3, ref_path: Path, batch_size: int, device: torch.device, use_cache: bool = True
 ) -> dict[str, np.ndarray] | None:
     """Pool features and Gaussians of the reference images; None if the file has no `arr_0`."""
-    with np.load(ref_path) as npz:
+    with load_npz(ref_path) as npz:
         if "arr_0" not in npz.files:
             return None
     # The cache is keyed on the weights file; a model not built by load_inception has none to key on.

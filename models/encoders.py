@@ -14,7 +14,7 @@ runs (e.g. a 4x4 grid for 32 px pixel-space images): images of another size are 
 input, and a warning says the setting is not the paper's.
 
 Weights, in this order: `--enc-ckpt PATH` (the official release file of that encoder, or a timm /
-safetensors file), else the Hugging Face cache / hub copy (honours HF_HUB_OFFLINE), else the official
+safetensors file; never TorchScript, whose loading runs code from the file), else the Hugging Face cache / hub copy (honours HF_HUB_OFFLINE), else the official
 release URL through the torch hub cache. Random weights only when asked for (`--enc-weights random`).
 """
 
@@ -239,8 +239,9 @@ _SPECS = [
         mean=CLIP_MEAN,
         std=CLIP_STD,
         hub_repo="timm/vit_large_patch14_clip_224.openai",
-        release_url="https://openaipublic.azureedge.net/clip/models/"
-        "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+        # No release_url: OpenAI's ViT-L-14.pt is a TorchScript archive, which read_checkpoint refuses.
+        release_note="OpenAI's ViT-L-14.pt is TorchScript, refused (loading runs its code); save its state dict "
+        "on a trusted machine (`clip.load('ViT-L/14', jit=False)`, then torch.save(model.state_dict(), PATH))",
     ),
     EncoderSpec(
         name="mae-vit-l",
@@ -443,14 +444,18 @@ def _release_file(spec: EncoderSpec, reasons: list[str]) -> Path | None:
 
 def _is_torchscript(path: Path) -> bool:
     # OpenAI's CLIP release (ViT-L-14.pt) is a TorchScript archive: a zip with code/ and constants.pkl.
+    # Only the zip's table of contents is read: nothing from the file is unpickled or run.
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as archive:
-        return any(n.endswith("constants.pkl") or "/code/" in n for n in archive.namelist())
+        return any(n.endswith("constants.pkl") or "/code/" in n or n.startswith("code/") for n in archive.namelist())
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """Load a weights file without arbitrary unpickling: safetensors, TorchScript, or weights-only torch."""
+    """Load a weights file without running code from it: safetensors or a weights-only torch file.
+
+    TorchScript archives are refused: torch.jit.load runs the Python code stored in the archive while it
+    loads, so a weights file could run anything on the training machine."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--enc-ckpt {path} does not exist")
@@ -459,9 +464,13 @@ def read_checkpoint(path: str | Path) -> dict:
 
         return load_file(str(path))
     if _is_torchscript(path):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, still works
-            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        raise ValueError(
+            f"{path} is a TorchScript archive (as OpenAI's CLIP release ViT-L-14.pt is): loading one runs the code "
+            "stored inside it, so it is refused. Convert it to a state dict on a trusted machine with the "
+            "official tools (github.com/openai/CLIP: `model, _ = clip.load('ViT-L/14', device='cpu', jit=False); "
+            "torch.save(model.state_dict(), 'ViT-L-14.pth')`) and pass that .pth with --enc-ckpt, or pass a "
+            ".safetensors state dict (for CLIP ViT-L/14: model.safetensors of timm/vit_large_patch14_clip_224.openai)."
+        )
     try:
         # MAE / DeiT-style checkpoints may carry their argparse.Namespace; allow that one class only.
         with torch.serialization.safe_globals([argparse.Namespace]):

@@ -42,6 +42,8 @@ from preprocessing import layout  # noqa: E402
 PIL.Image.MAX_IMAGE_PIXELS = None
 DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own DecompressionBombError threshold (2 x 89,478,485 px)
 VAE_NAMES = ("stabilityai/sd-vae-ft-mse", "stabilityai/sd-vae-ft-ema")
+# The errors this module raises for bad input; the command line prints them as one line.
+CLI_ERRORS = (FileNotFoundError, ValueError, RuntimeError)
 
 # ---------------------------------------------------------------------------------------------------
 # Processes: one per rank under torchrun / accelerate launch, else a single one.
@@ -98,7 +100,7 @@ def _claim_dest(work_dir: str, settings: dict, ranks: Ranks) -> None:
             print(f"removed {removed} temp files left by an interrupted run in {work_dir}")
     problem = ranks.gather(problem)[0]  # doubles as the barrier
     if problem:
-        raise SystemExit(problem)
+        raise ValueError(problem)
 
 
 def _work_dir(dest: str) -> str:
@@ -131,7 +133,7 @@ def _zip_is_complete(dest: str, ranks: Ranks) -> bool:
     labels = layout.labels_by_name(layout.read_dataset_json(store), dest) or {}
     missing = set(labels) - set(store.names())
     if missing:
-        raise SystemExit(f"{dest} is incomplete ({len(missing)} files of dataset.json missing); delete it")
+        raise RuntimeError(f"{dest} is incomplete ({len(missing)} files of dataset.json missing); delete it")
     if ranks.rank == 0:
         print(f"{dest} is already complete ({len(store.names())} files); nothing to do")
     return True
@@ -154,7 +156,7 @@ def list_source(store: layout.FileStore, max_images: int | None):
     names = [n for n in all_files if layout.extension(n) in layout.IMAGE_EXTENSIONS]
     ignored = len(all_files) - len(names) - (layout.DATASET_JSON in all_files)
     if not names:
-        raise SystemExit(f"{store.path}: no image files found")
+        raise FileNotFoundError(f"{store.path}: no image files found")
     names = names[:max_images] if max_images is not None else names
 
     meta = layout.read_dataset_json(store)
@@ -162,7 +164,7 @@ def list_source(store: layout.FileStore, max_images: int | None):
     if given is not None:
         unlabelled = [n for n in names if n not in given]
         if unlabelled:
-            raise SystemExit(f"{store.describe(layout.DATASET_JSON)} has no label for {unlabelled[:3]}")
+            raise ValueError(f"{store.describe(layout.DATASET_JSON)} has no label for {unlabelled[:3]}")
         return names, [given[n] for n in names], meta.get("class_names"), ignored
 
     folders = [n.split("/")[0] if "/" in n else None for n in names]
@@ -170,7 +172,7 @@ def list_source(store: layout.FileStore, max_images: int | None):
         return names, None, None, ignored  # a flat folder: unlabelled, "labels": null as officially
     if any(f is None for f in folders):
         loose = [n for n, f in zip(names, folders) if f is None][:3]
-        raise SystemExit(f"{store.path}: images both in class folders and at the top level ({loose})")
+        raise ValueError(f"{store.path}: images both in class folders and at the top level ({loose})")
     class_names = sorted(set(folders))
     class_index = {c: i for i, c in enumerate(class_names)}
     return names, [class_index[f] for f in folders], class_names, ignored
@@ -321,7 +323,17 @@ def convert(args) -> int:
     ranks = Ranks.from_env()
     width, height = args.resolution
     if width != height:
-        raise SystemExit(f"--resolution={width}x{height}: width and height must match for {args.transform}")
+        raise ValueError(f"--resolution={width}x{height}: width and height must match for {args.transform}")
+    # Refused before anything is written: `encode` would floor such a side (36 px -> 4x4 latents, not 4.5),
+    # and the SD-VAE's 8x downsampling is what the layout and the paper's settings (256, 512) assume.
+    # Pixel-space data at other sizes is not a paper setting; the demo set does not come through here.
+    factor = layout.VAE_FACTOR
+    if width % factor:
+        nearest = sorted({max(width // factor, 1) * factor, (width // factor + 1) * factor})
+        raise ValueError(
+            f"--resolution={width}x{height}: {width} is not a multiple of {factor} (the SD-VAE downsamples by "
+            f"{factor}, so latents would be floored); the nearest sizes that work are {nearest}"
+        )
     if _zip_is_complete(args.dest, ranks):
         return 0
     store = layout.FileStore(args.source)
@@ -477,7 +489,7 @@ def encode(args) -> int:
     store = layout.FileStore(args.source)
     names = store.names(layout.IMAGE_EXTENSIONS)[: args.max_images]
     if not names:
-        raise SystemExit(f"{args.source}: no images to encode")
+        raise FileNotFoundError(f"{args.source}: no images to encode")
     # Latent i belongs to image i: keep the image's own index (gaps left by convert stay gaps); fall
     # back to the sorted position, as the official tool does, for names that carry no unique index.
     indices = [layout.name_index(n) for n in names]
@@ -486,13 +498,19 @@ def encode(args) -> int:
     meta = layout.read_dataset_json(store)
     labels = layout.labels_by_name(meta, store.describe(layout.DATASET_JSON))
     if labels is not None and any(n not in labels for n in names):
-        raise SystemExit(f"{store.describe(layout.DATASET_JSON)} has no label for some images")
+        raise ValueError(f"{store.describe(layout.DATASET_JSON)} has no label for some images")
 
     device = torch.device(args.device or (f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu"))
     vae = load_vae(args.vae, device)
     with PIL.Image.open(io.BytesIO(store.read(names[0]))) as first:
         width, height = first.size
     factor = 2 ** (len(vae.config.block_out_channels) - 1)  # 8 for the SD-VAE
+    if width % factor or height % factor:
+        # The VAE would floor the side (36 px -> 4x4 latents): refuse instead of storing misaligned latents.
+        raise ValueError(
+            f"{store.describe(names[0])} is {width}x{height} px, not a multiple of {factor}, the VAE's downsampling "
+            f"factor; convert the images at a resolution divisible by {factor}"
+        )
     shape = (2 * vae.config.latent_channels, height // factor, width // factor)
     settings = {
         "command": "encode",
@@ -609,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """The command line; errors propagate as exceptions (callers such as make_demo_data see them)."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
@@ -618,4 +637,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except CLI_ERRORS as err:  # what users get wrong (paths, settings, data): one line, no traceback
+        sys.exit(f"error: {err}")

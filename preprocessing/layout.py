@@ -24,6 +24,8 @@ PIL.Image.init()
 # Exactly the extensions the official tools accept as images (".jpeg", ".png", ... lower case).
 IMAGE_EXTENSIONS = frozenset(PIL.Image.EXTENSION)
 LATENT_EXTENSION = ".npy"
+# The SD-VAE downsamples by 8 (4 levels): latents are (2C, H/8, W/8), so image sides must be multiples of 8.
+VAE_FACTOR = 8
 DATASET_JSON = "dataset.json"
 _INDEX_PATTERN = re.compile(r"(\d+)\.[A-Za-z0-9]+$")
 

@@ -14,6 +14,7 @@ an SD-VAE turns 32 px into 4 x 4 latents, so `--vae` exists to exercise the late
 import argparse
 import os
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -105,7 +106,7 @@ def make_demo_data(out: str, *, per_class: int = 400, num_classes: int = 10, res
     if os.path.exists(images_dir):
         meta = layout.read_dataset_json(layout.FileStore(images_dir))
         if meta is None or "demo" not in meta:
-            raise SystemExit(f"{images_dir} exists and is not a demo set; refusing to overwrite it")
+            raise FileExistsError(f"{images_dir} exists and is not a demo set; refusing to overwrite it")
         shutil.rmtree(images_dir)  # a previous demo set, maybe with other options: start clean
 
     rng = np.random.default_rng(seed)
@@ -151,4 +152,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as err:  # one line, no traceback
+        sys.exit(f"error: {err}")

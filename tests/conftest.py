@@ -7,8 +7,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# Reference data produced by the official implementation; read in place, never copied in.
-TESTDATA = ROOT.parent / "shared" / "testdata"
+# Reference data produced by the official implementation (origins in tests/data/README.md). It lives in
+# the repository, so that the suite passes on a bare clone; tests read nothing from outside it.
+TESTDATA = ROOT / "tests" / "data"
 
 # Tests never reach a hub: loading code must work (or fail clearly) offline.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def testdata():
     if not TESTDATA.is_dir():
-        pytest.fail(f"reference data folder {TESTDATA} is missing (expected ../shared/testdata)")
+        pytest.fail(f"reference data folder {TESTDATA} is missing (it is part of the repository)")
     return TESTDATA
 
 

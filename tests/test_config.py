@@ -66,6 +66,14 @@ def test_unknown_keys_and_wrong_types_name_the_key(tmp_path):
         parse_config(["--no-such-flag", "1"])
 
 
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("model: SiT-B/2\nproj_coeff: [0.5\nencoder_depth: 4\n")  # unclosed bracket
+    with pytest.raises(ValueError, match=r"--config \S*broken.yaml is not valid YAML") as info:
+        load_yaml_config(bad)
+    assert f'"{bad}", line 3' in str(info.value) and "<unicode string>" not in str(info.value)
+
+
 def test_yaml_round_trip():
     c = config_from_dict({"model": "SiT-B/2", "proj_coeff": 0.25, "legacy": True})
     again = config_from_dict(yaml.safe_load(c.to_yaml()))

@@ -15,12 +15,12 @@ from dataset import CustomDataset, ImageLatentDataset, ResumableSampler
 N, SIZE = 6, 16  # items, image side; latents are (8, SIZE/8, SIZE/8)
 
 
-def write_official_layout(root: Path, n=N, flipped=False, seed=0):
+def write_official_layout(root: Path, n=N, flipped=False, seed=0, size=SIZE):
     """A data folder written by hand the way the official tools lay it out (no project code involved).
     Returns (images (n, H, W, 3) uint8, moments (n, 8, h, w) float32, labels (n,))."""
     rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
-    moments = rng.normal(size=(n, 8, SIZE // 8, SIZE // 8)).astype(np.float32)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    moments = rng.normal(size=(n, 8, size // 8, size // 8)).astype(np.float32)
     labels = rng.integers(0, 5, n)
     image_labels, latent_labels = [], []
     for i in range(n):
@@ -149,13 +149,127 @@ def test_unlabelled_file_is_reported(tmp_path):
 def test_bad_shapes_are_named(tmp_path):
     _, moments, _ = write_official_layout(tmp_path)
     np.save(tmp_path / "vae-sd" / "00000" / "img-mean-std-00000005.npy", moments[5][:4])  # last item
-    with pytest.raises(ValueError, match=r"img-mean-std-00000005.npy is float32 \(4, 2, 2\), expected"):
+    with pytest.raises(ValueError, match=r"item 5: \S*img-mean-std-00000005.npy is float32 \(4, 2, 2\), expected"):
         ImageLatentDataset(tmp_path)
     np.save(tmp_path / "vae-sd" / "00000" / "img-mean-std-00000005.npy", moments[5])
-    PIL.Image.new("RGB", (SIZE, 2 * SIZE)).save(tmp_path / "images" / "00000" / "img00000003.png")
-    data = ImageLatentDataset(tmp_path)  # item 3 is not read at start; it fails when it is loaded
-    with pytest.raises(ValueError, match=r"img00000003.png is \(3, 32, 16\), the first image is \(3, 16, 16\)"):
-        data[3]
+    PIL.Image.new("RGB", (SIZE, 2 * SIZE)).save(tmp_path / "images" / "00000" / "img00000004.png")
+    data = ImageLatentDataset(tmp_path)  # only items 0, 3 and 5 are read at start; item 4 fails when loaded
+    with pytest.raises(ValueError, match=r"item 4: \S*img00000004.png is \(3, 32, 16\), expected \(3, 16, 16\)"):
+        data[4]
+
+
+def test_wrong_latent_of_item_0_is_blamed_on_item_0(tmp_path):
+    # Item 0's shapes are the reference for every other item: a bad item 0 must be named itself, not the
+    # good last item that disagrees with it. (8, 4, 4) would fit a /4 VAE; (4, 2, 2) a 2-channel one.
+    _, moments, _ = write_official_layout(tmp_path)
+    latent = tmp_path / "vae-sd" / "00000" / "img-mean-std-00000000.npy"
+    for wrong in (np.zeros((8, 4, 4), np.float32), moments[0][:4]):
+        np.save(latent, wrong)
+        with pytest.raises(
+            ValueError,
+            match=r"item 0: \S*img-mean-std-00000000.npy is float32 \(\d, \d, \d\), expected float32 \(8, 2, 2\)",
+        ) as info:
+            ImageLatentDataset(tmp_path)
+        assert "00000005" not in str(info.value)
+
+
+def test_wrong_image_of_item_0_is_blamed_on_item_0(tmp_path):
+    write_official_layout(tmp_path)
+    PIL.Image.new("RGB", (2 * SIZE, 2 * SIZE)).save(tmp_path / "images" / "00000" / "img00000000.png")
+    with pytest.raises(
+        ValueError, match=r"item 0: \S*img00000000.png is \(3, 32, 32\), expected \(3, 16, 16\)"
+    ) as info:
+        ImageLatentDataset(tmp_path)
+    assert "00000005" not in str(info.value)
+
+
+def test_image_side_not_a_multiple_of_8_is_refused_with_latents(tmp_path):
+    # 36 px images with floored 4x4 latents: the SD-VAE would have made 4.5 x 4.5; refuse, naming 36.
+    write_official_layout(tmp_path, size=36)
+    with pytest.raises(ValueError, match=r"img00000000.png is 36x36 px, not a multiple of 8"):
+        ImageLatentDataset(tmp_path)
+    assert ImageLatentDataset(tmp_path, latents=False).image_shape == (3, 36, 36)  # pixel space has no VAE
+
+
+class _Unpickled:
+    """Unpickling this creates a file: proof that a loader ran code from the data."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _truncated_png(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _object_npy(path):
+    np.save(path, np.array([_Unpickled(path.parent / "UNPICKLED")], dtype=object), allow_pickle=True)
+
+
+BAD_FILES = {
+    "empty image": ("images/00000/img00000002.png", lambda p: p.write_bytes(b"")),
+    "truncated image": ("images/00000/img00000002.png", _truncated_png),
+    "undecodable image": ("images/00000/img00000002.png", lambda p: p.write_bytes(b"\x89PNG not an image" * 9)),
+    "empty latent": ("vae-sd/00000/img-mean-std-00000002.npy", lambda p: p.write_bytes(b"")),
+    "truncated latent": ("vae-sd/00000/img-mean-std-00000002.npy", lambda p: p.write_bytes(p.read_bytes()[:-5])),
+    "object latent": ("vae-sd/00000/img-mean-std-00000002.npy", _object_npy),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_unreadable_file_is_named_with_its_item(tmp_path, case):
+    write_official_layout(tmp_path)
+    name, damage = BAD_FILES[case]
+    damage(tmp_path / name)
+    with pytest.warns(UserWarning, match="approximation"):  # mirrors read the same damaged latent
+        data = ImageLatentDataset(tmp_path, flip=True)  # item 2 is not read at start; it fails when loaded
+    expected = rf"item 2: cannot read (image|latent) \S*{name.split('/')[-1]}"
+    for index in (2, N + 2):  # the item and its mirror
+        with pytest.raises(ValueError, match=expected) as info:
+            data[index]
+    if case == "object latent":
+        assert "Python objects" in str(info.value)
+        assert not (tmp_path / "vae-sd" / "00000" / "UNPICKLED").exists()
+    # Read at start as item 0: the constructor names it.
+    shutil.copy(tmp_path / name, tmp_path / name.replace("00000002", "00000000"))
+    with pytest.raises(ValueError, match=expected.replace("item 2", "item 0").replace("00000002", "00000000")):
+        ImageLatentDataset(tmp_path)
+
+
+def test_object_array_image_npy_is_refused_unpickled(tmp_path):
+    # Images may also be stored as .npy (the official reader accepts them): the same rule applies.
+    (tmp_path / "images" / "00000").mkdir(parents=True)
+    np.save(tmp_path / "images" / "00000" / "img00000000.npy", np.zeros((3, 8, 8), np.uint8))
+    _object_npy(tmp_path / "images" / "00000" / "img00000001.npy")
+    labels = [[f"00000/img0000000{i}.npy", 0] for i in range(2)]
+    (tmp_path / "images" / "dataset.json").write_text(json.dumps({"labels": labels}))
+    data = ImageLatentDataset(tmp_path, latents=False, max_items=1)
+    assert data[0][0].shape == (3, 8, 8)
+    with pytest.raises(ValueError, match=r"item 1: cannot read image \S*img00000001.npy.*Python objects"):
+        ImageLatentDataset(tmp_path, latents=False)
+    assert not (tmp_path / "images" / "00000" / "UNPICKLED").exists()
+
+
+def test_label_beyond_class_names_is_refused_at_start(tmp_path):
+    write_official_layout(tmp_path)
+    for folder in ("images", "vae-sd"):
+        meta = json.loads((tmp_path / folder / "dataset.json").read_text())
+        for k, entry in enumerate(meta["labels"]):
+            entry[1] = 2 if k == 3 else k % 2
+        meta["class_names"] = ["cat", "dog"]
+        (tmp_path / folder / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        ValueError, match=r"vae-sd/dataset.json: item 3 \(00000/img-mean-std-00000003.npy\) has label 2, outside 0..1"
+    ):
+        ImageLatentDataset(tmp_path)
+    meta["class_names"].append("eel")
+    (tmp_path / "vae-sd" / "dataset.json").write_text(json.dumps(meta))
+    data = ImageLatentDataset(tmp_path)
+    assert (data.num_classes, data.max_label) == (3, 2)
 
 
 # --- ResumableSampler --------------------------------------------------------------------------------

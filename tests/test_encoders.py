@@ -342,23 +342,39 @@ class OpenAICLIP(nn.Module):
         return self.visual(x)
 
 
-@pytest.mark.parametrize("file_format", ["state_dict", "torchscript"])
-def test_clip_openai_release_round_trip(tmp_path, file_format):
+def test_clip_openai_release_round_trip(tmp_path):
+    # OpenAI's release is TorchScript (refused below); its state dict, as clip.load(jit=False) gives it, loads.
     clip = randomize_(OpenAICLIP()).eval()
     x = images(2, 256)
     pixels = preprocess(x, CLIP, 224, resize_first=True)  # the order of REPA's CLIP preprocessing
-    path = tmp_path / "ViT-L-14.pt"
-    if file_format == "torchscript":  # the real release file is a TorchScript archive
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.jit.save(torch.jit.trace(clip, pixels[:1], check_trace=False), str(path))
-    else:
-        torch.save(clip.state_dict(), path)
+    path = tmp_path / "ViT-L-14.pth"
+    torch.save(clip.state_dict(), path)
 
     encoder = build_encoder(tiny(ENCODERS["clip-vit-L"]), "cpu", 256, ckpt_path=path)
     with torch.no_grad():
         want = clip(pixels)
     torch.testing.assert_close(encoder.encode(x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_torchscript_archive_is_refused_before_loading(tmp_path, monkeypatch):
+    # torch.jit.load runs the code stored in an archive while loading it: a weights file must never get
+    # that far. OpenAI's real ViT-L-14.pt is such an archive.
+    clip = randomize_(OpenAICLIP()).eval()
+    pixels = preprocess(images(1, 256), CLIP, 224, resize_first=True)
+    path = tmp_path / "ViT-L-14.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(clip, pixels, check_trace=False), str(path))
+
+    def run_archive(*args, **kwargs):
+        raise AssertionError("the archive was loaded (its code would have run)")
+
+    monkeypatch.setattr(torch.jit, "load", run_archive)
+    monkeypatch.setattr(torch, "load", run_archive)
+    with pytest.raises(ValueError, match=r"ViT-L-14.pt is a TorchScript archive.*runs the code") as info:
+        build_encoder(tiny(ENCODERS["clip-vit-L"]), "cpu", 256, ckpt_path=path)
+    for advice in ("trusted machine", "state_dict()", "--enc-ckpt", ".safetensors"):
+        assert advice in str(info.value)
 
 
 #################################################################################
@@ -408,6 +424,7 @@ def test_release_file_in_torch_hub_cache_is_used_offline(offline_caches, name):
         ("mocov3-vit-b", ["vit-b-300ep.pth.tar"]),
         ("jepa-vit-h", ["IN1K-vit.h.14-300e.pth.tar"]),
         ("mocov3-vit-l", ["no public download", "module.base_encoder"]),
+        ("clip-vit-L", ["timm/vit_large_patch14_clip_224.openai", "TorchScript", "state dict"]),
     ],
 )
 def test_offline_without_cache_names_file_and_flag(offline_caches, name, needles):

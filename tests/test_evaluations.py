@@ -7,6 +7,7 @@ Inception runs on a handful of images with random weights saved in torch-fidelit
 import ctypes
 import json
 import os
+import re
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -449,6 +450,24 @@ def test_precomputed_reference_statistics_take_precedence(batches, inception, mo
         stats_only = evaluate_cli.evaluate(folder / "stats.npz", folder / "samples.npz", inception)
     assert_compared((ref_mu, ref_sigma), (ref_mu_s, ref_sigma_s))
     assert stats_only["precision"] is None and "n/a" in evaluate_cli.format_metrics(stats_only)
+
+
+def test_unreadable_batches_are_named(batches, inception, tmp_path):
+    folder, _ = batches
+    ref, samples = folder / "ref.npz", folder / "samples.npz"
+    np.savez(tmp_path / "object_stats.npz", mu=np.array([None] * 3, dtype=object), sigma=np.eye(3))
+    np.savez(tmp_path / "object_images.npz", arr_0=np.array([None] * 4, dtype=object))
+    (tmp_path / "not_a_zip.npz").write_bytes(b"\x93NUMPY garbage")
+    (tmp_path / "truncated.npz").write_bytes(samples.read_bytes()[:-300])
+    cases = {  # (reference, samples) -> the file the error must name
+        (tmp_path / "object_stats.npz", samples): tmp_path / "object_stats.npz",
+        (tmp_path / "not_a_zip.npz", samples): tmp_path / "not_a_zip.npz",
+        (ref, tmp_path / "object_images.npz"): tmp_path / "object_images.npz",
+        (ref, tmp_path / "truncated.npz"): tmp_path / "truncated.npz",
+    }
+    for (ref_path, sample_path), culprit in cases.items():
+        with pytest.raises(ValueError, match=re.escape(str(culprit))):
+            evaluate_cli.evaluate(ref_path, sample_path, inception, use_cache=False)
 
 
 def test_cli_without_weights_exits_with_a_clear_error(tmp_path):

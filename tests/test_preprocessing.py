@@ -4,6 +4,7 @@ encode with a tiny random AutoencoderKL, resuming after a kill, 2 processes vs 1
 import io
 import json
 import os
+import runpy
 import subprocess
 import sys
 import zipfile
@@ -198,7 +199,7 @@ def test_convert_resumes_after_kill_with_identical_files(converted, tmp_path, mo
         k: v for k, v in fresh_report.items() if k not in ("written", "skipped_existing")
     }
 
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(ValueError, match="other settings"):
         dataset_tools.main(["convert", f"--source={root / 'train'}", f"--dest={dest}", "--resolution=8x8"])
 
 
@@ -215,6 +216,35 @@ def test_convert_zip_to_zip_matches_folder(converted, tmp_path):
     folder = folder_bytes(root / "data" / "images")
     assert packed.keys() == folder.keys() - {".job.json"}
     assert all(packed[n] == folder[n] for n in packed if n != "report.json")
+
+
+def test_convert_refuses_a_resolution_not_divisible_by_8_before_writing(converted, tmp_path):
+    root, _ = converted
+    with pytest.raises(ValueError, match=r"--resolution=36x36: 36 is not a multiple of 8.*\[32, 40\]"):
+        run_convert(root / "train", tmp_path / "images", "--resolution=36x36")
+    assert not (tmp_path / "images").exists()
+
+
+def test_cli_errors_are_one_line_exits(tmp_path, monkeypatch):
+    # Library functions raise ordinary exceptions; only `python preprocessing/dataset_tools.py` and
+    # `python -m preprocessing.make_demo_data` turn them into a one-line exit.
+    (tmp_path / "empty").mkdir()
+    script = ROOT / "preprocessing" / "dataset_tools.py"
+    monkeypatch.setattr(
+        sys, "argv", [str(script), "convert", f"--source={tmp_path / 'empty'}", f"--dest={tmp_path / 'x'}"]
+    )
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(str(script), run_name="__main__")
+    assert info.value.code == f"error: {tmp_path / 'empty'}: no image files found"
+    (tmp_path / "real" / "images").mkdir(parents=True)
+    script = ROOT / "preprocessing" / "make_demo_data.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--out", str(tmp_path / "real"), "--per-class=1"])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(str(script), run_name="__main__")
+    assert (
+        info.value.code
+        == f"error: {tmp_path / 'real' / 'images'} exists and is not a demo set; refusing to overwrite it"
+    )
 
 
 # --- encode ---------------------------------------------------------------------------------------
@@ -262,6 +292,20 @@ def test_encode_stores_posterior_mean_and_std(encoded, tiny_vae):
         assert decoded.shape == x.shape
         torch.testing.assert_close(decoded, reference, atol=1e-4, rtol=1e-4)
     assert not (encoded / "vae-sd" / layout.latent_name(3)).exists()  # the failed image's gap stays a gap
+
+
+def test_encode_refuses_images_not_divisible_by_8(tiny_vae, tmp_path):
+    # 36 px would give floored 4x4 latents of a 4.5x4.5 grid: refused before anything is written.
+    images = tmp_path / "images"
+    entries = []
+    for index in range(2):
+        pixels = np.full((36, 36, 3), 40 * index, np.uint8)
+        layout.atomic_write(str(images / layout.image_name(index)), layout.png_bytes(pixels))
+        entries.append([layout.image_name(index), 0])
+    (images / "dataset.json").write_bytes(layout.dataset_json_bytes(entries))
+    with pytest.raises(ValueError, match=r"img00000000.png is 36x36 px, not a multiple of 8"):
+        run_encode(images, tmp_path / "vae-sd", tiny_vae[0])
+    assert not (tmp_path / "vae-sd").exists() and not (tmp_path / "vae-sd-flip").exists()
 
 
 def test_encode_resumes_after_kill(encoded, tiny_vae, tmp_path, monkeypatch):
@@ -358,5 +402,5 @@ def test_demo_data_is_deterministic_labelled_and_readable(tmp_path, tiny_vae):
     # A rerun replaces a demo set, but never a folder that is not one.
     (tmp_path / "real" / "images").mkdir(parents=True)
     (tmp_path / "real" / "images" / "dataset.json").write_text('{"labels": null}')
-    with pytest.raises(SystemExit, match="not a demo set"):
+    with pytest.raises(FileExistsError, match="not a demo set"):
         make_demo_data.make_demo_data(str(tmp_path / "real"), per_class=1)
