@@ -36,14 +36,14 @@ if __package__ in (None, ""):
     # importable so the `preprocessing` package resolves.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from models.vae import VAE_NAMES, encode_moments, load_vae  # noqa: E402
 from preprocessing import layout  # noqa: E402
 
 # We check sizes ourselves (--max-pixels) so that huge images are reported, not raised from PIL.
 PIL.Image.MAX_IMAGE_PIXELS = None
 DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own DecompressionBombError threshold (2 x 89,478,485 px)
-VAE_NAMES = ("stabilityai/sd-vae-ft-mse", "stabilityai/sd-vae-ft-ema")
 # The errors this module raises for bad input; the command line prints them as one line.
-CLI_ERRORS = (FileNotFoundError, ValueError, RuntimeError)
+CLI_ERRORS = (FileNotFoundError, ValueError, RuntimeError, OSError)
 
 # ---------------------------------------------------------------------------------------------------
 # Processes: one per rank under torchrun / accelerate launch, else a single one.
@@ -412,32 +412,6 @@ def convert(args) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
-def load_vae(name_or_path: str, device="cpu"):
-    """A frozen diffusers AutoencoderKL from a hub name (stabilityai/sd-vae-ft-mse or -ema) or a local
-    folder (its own config.json, or a pipeline folder with a vae/ sub-folder)."""
-    from diffusers.models import AutoencoderKL
-
-    kwargs = {}
-    if os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, "config.json")):
-        kwargs["subfolder"] = "vae"
-    try:
-        vae = AutoencoderKL.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise SystemExit(
-            f"could not load the VAE {name_or_path!r} (a hub name such as {VAE_NAMES[0]}, which must be in "
-            f"the local cache when offline, or a local folder with config.json): {e}"
-        ) from e
-    return vae.eval().requires_grad_(False).to(device)
-
-
-@torch.no_grad()
-def encode_moments(vae, images: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) uint8 -> (N, 2C, H/f, W/f) float32: posterior mean then std (8 x 32 x 32 at 256 px)."""
-    x = images.to(torch.float32) / 127.5 - 1  # [0, 255] -> [-1, 1], the SD-VAE input range
-    posterior = vae.encode(x).latent_dist
-    return torch.cat([posterior.mean, posterior.std], dim=1).float()
-
-
 def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
@@ -609,8 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--vae",
         "--model-url",
         dest="vae",
-        default=VAE_NAMES[0],
-        help=f"hub name ({' or '.join(VAE_NAMES)}) or local folder",
+        default=VAE_NAMES["mse"],  # the paper's training latents come from sd-vae-ft-mse
+        help="ema | mse (short for the two SD-VAE releases) | hub name | local folder",
     )
     e.add_argument(
         "--flip",
