@@ -43,6 +43,8 @@ from tqdm import tqdm
 
 from checkpoints import load_checkpoint, model_state_dict
 from diffusion import ddim_sampler, ddpm_sampler
+from evaluations.evaluate import describe_protocol
+from evaluations.evaluate import main as evaluate_main
 from models import MODELS
 from models.dit import DiT, DiT_models
 from models.sit import SiT, projector_kwargs_from_state_dict
@@ -503,14 +505,13 @@ def main(argv=None):
         }  # fmt: skip
         summary = {
             "protocol": protocol, "manifest": manifest, "args": vars(args), "world_size": world,
-            "npz": str(npz_path), "shape": list(arrays.shape), "seconds": elapsed,
+            "npz": str(npz_path), "npz_identity": [npz_path.stat().st_size, npz_path.stat().st_mtime_ns],
+            "shape": list(arrays.shape), "seconds": elapsed,
             "images_per_second_rank0": sum(len(r) for r in todo) / max(elapsed, 1e-9),
         }  # fmt: skip
         print(f"wrote {npz_path} {arrays.shape}; protocol: {describe_protocol(protocol)}")
         npz_path.with_suffix(".json").write_text(json.dumps(summary, indent=2, default=str))
         if args.ref_batch:
-            from evaluations.evaluate import main as evaluate_main
-
             eval_argv = [args.ref_batch, str(npz_path), "--json", str(npz_path.with_suffix(".metrics.json"))]
             if args.inception_weights:
                 eval_argv += ["--inception-weights", args.inception_weights]
@@ -519,17 +520,6 @@ def main(argv=None):
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
-
-
-def describe_protocol(protocol: dict) -> str:
-    """One line naming how a sample batch was made, e.g. for a table of FIDs."""
-    low, high = protocol["guidance_interval"]
-    cfg = f"CFG {protocol['cfg_scale']} in [{low}, {high}]" if protocol["cfg_scale"] > 1 else "no CFG"
-    return (
-        f"{protocol['sampler']} {protocol['num_steps']} steps (NFE {protocol['nfe']}), {cfg}, "
-        f"{protocol['labels']} labels, {protocol['quantization']} quantization, N={protocol['num_samples']}, "
-        f"{protocol['weights']} weights, {protocol['precision']}"
-    )
 
 
 if __name__ == "__main__":

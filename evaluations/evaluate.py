@@ -318,7 +318,34 @@ def evaluate(
         "inception_weights_sha256": getattr(model, "weights_sha256", None),
         "official_inception_weights": getattr(model, "official_weights", False),
         "half_precision_distances": half_distances,
+        "sampling_protocol": sampling_protocol(sample_path),
     }
+
+
+def describe_protocol(protocol: dict) -> str:
+    """One line naming how a sample batch was made (sample_ddp.py's `protocol`), for tables of FIDs."""
+    low, high = protocol["guidance_interval"]
+    cfg = f"CFG {protocol['cfg_scale']} in [{low}, {high}]" if protocol["cfg_scale"] > 1 else "no CFG"
+    return (
+        f"{protocol['sampler']} {protocol['num_steps']} steps (NFE {protocol['nfe']}), {cfg}, "
+        f"{protocol['labels']} labels, {protocol['quantization']} quantization, N={protocol['num_samples']}, "
+        f"{protocol['weights']} weights, {protocol['precision']}"
+    )
+
+
+def sampling_protocol(sample_path) -> dict | None:
+    """The protocol sample_ddp.py recorded beside SAMPLES.npz (in SAMPLES.json), if it describes this very
+    file: the summary names the .npz's size and modification time, so a batch rewritten since then (or by
+    another tool) is reported as of unknown protocol rather than mislabelled."""
+    summary_path = Path(sample_path).with_suffix(".json")
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    stat = Path(sample_path).stat()
+    if not isinstance(summary, dict) or summary.get("npz_identity") != [stat.st_size, stat.st_mtime_ns]:
+        return None
+    return summary.get("protocol")
 
 
 def format_metrics(results: dict) -> str:
@@ -329,6 +356,12 @@ def format_metrics(results: dict) -> str:
     for label, key in (("Precision", "precision"), ("Recall", "recall")):
         value = results[key]
         lines.append(f"{label}: {value if value is not None else 'n/a (reference batch has no arr_0 images)'}")
+    protocol = results.get("sampling_protocol")
+    lines.append(
+        f"Sampling protocol: {describe_protocol(protocol)}"
+        if protocol
+        else "Sampling protocol: unknown (no summary JSON from sample_ddp.py describes this batch)"
+    )
     if not results["official_inception_weights"]:
         lines.append("WARNING: NOT computed with the release Inception weights; not comparable to ADM's numbers")
     return "\n".join(lines)

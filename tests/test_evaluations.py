@@ -398,8 +398,9 @@ def test_evaluate_cli_end_to_end(batches, inception, random_inception_weights, c
     assert results["official_inception_weights"] is False and results["num_samples"] == 4
     # ADM's printed lines, in its order, then the loud note about the weights.
     lines = [line for line in output.splitlines() if ":" in line]
-    labels = ["Inception Score", "FID", "sFID", "Precision", "Recall", "WARNING"]
-    assert [line.split(":")[0] for line in lines[-6:]] == labels
+    labels = ["Inception Score", "FID", "sFID", "Precision", "Recall", "Sampling protocol", "WARNING"]
+    assert [line.split(":")[0] for line in lines[-7:]] == labels
+    assert "Sampling protocol: unknown" in output  # a batch not made by sample_ddp.py: said, not guessed
     assert f"FID: {results['fid']}" in output
     # The reference statistics were cached next to the reference and are read back on the next run.
     cache = evaluate_cli.reference_cache_path(folder / "ref.npz", inception.weights_sha256)

@@ -143,6 +143,14 @@ def test_ref_batch_is_evaluated_at_the_end(tmp_path, random_inception_weights):
     assert summary["metrics"]["num_samples"] == 6 and summary["metrics"]["fid"] > 0
     assert summary["metrics"]["official_inception_weights"] is False  # random weights are never passed off
     assert out.with_suffix(".metrics.json").exists()
+    # The evaluator names the protocol the batch was made with, and only while the summary describes it.
+    assert summary["metrics"]["sampling_protocol"] == summary["protocol"]
+    assert summary["protocol"]["labels"] == "random" and summary["protocol"]["quantization"] == "repa"
+    from evaluations.evaluate import format_metrics, sampling_protocol
+
+    assert "Sampling protocol: sde 2 steps (NFE 2), no CFG, random labels" in format_metrics(summary["metrics"])
+    os.utime(out.with_suffix(".npz"), ns=(0, 0))  # the batch was rewritten since: its protocol is unknown
+    assert sampling_protocol(out.with_suffix(".npz")) is None
 
 
 def test_official_flags_are_checked_against_the_weights(tmp_path):
