@@ -14,13 +14,24 @@ runs (e.g. a 4x4 grid for 32 px pixel-space images): images of another size are 
 input, and a warning says the setting is not the paper's.
 
 Weights, in this order: `--enc-ckpt PATH` (the official release file of that encoder, or a timm /
-safetensors file; never TorchScript, whose loading runs code from the file), else the Hugging Face cache / hub copy (honours HF_HUB_OFFLINE), else the official
-release URL through the torch hub cache. Random weights only when asked for (`--enc-weights random`).
+safetensors file; never TorchScript, whose loading runs code from the file), else the Hugging Face cache /
+hub copy (honours HF_HUB_OFFLINE), else the official release URL through the torch hub cache. Random
+weights only when asked for (`--enc-weights random`).
+
+Any timm ViT-style model is a target too, named `timm:<model-name>` (e.g. `timm:vit_small_patch14_dinov2.lvd142m`,
+or a small encoder trained for a demo: `timm:vit_tiny_patch16_224 --enc-ckpt tiny_vit.pt`). Its spec is
+made on the fly from the timm model (`timm_spec`): patch tokens of `forward_features` without the prefix
+(CLS / register) tokens, mean/std from timm's pretrained config. Weights come from timm's hub copy, from a
+plain timm state dict, or from a file written by `save_timm_encoder`, which also carries the architecture
+keywords and mean/std (see there). Such a file fixes the input size, so its patch grid must equal the SiT's;
+hub weights and plain state dicts are built at grid * patch px like the registry's encoders.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import pickle
@@ -137,6 +148,7 @@ class EncoderSpec:
     release_note: str = ""  # where to get the weights when there is no public URL
     convert: Callable[[dict], dict] = _identity  # official release format -> timm keys
     timm_kwargs: Mapping = field(default_factory=dict)  # architecture overrides on top of timm's defaults
+    from_timm_name: bool = False  # a `timm:<model>` name: made by timm_spec, not a registry entry
 
     def grid(self, resolution: int) -> int:
         """Tokens per side: 16 at 256 px, 32 at 512 px, whatever the patch size."""
@@ -274,17 +286,183 @@ ENCODERS: dict[str, EncoderSpec] = {spec.name: spec for spec in _SPECS}
 _BY_LOWER_NAME = {name.lower(): spec for name, spec in ENCODERS.items()}  # "clip-vit-l" works too
 
 
+#################################################################################
+#                      Any timm ViT by name: `timm:<model-name>`                 #
+#################################################################################
+# A small encoder trained for a demo, or any timm ViT, without a registry entry. The spec is read off the
+# timm model itself, so it cannot disagree with it. A file written by save_timm_encoder is a plain dict
+#     {"timm_model": "vit_tiny_patch16_224",                 # timm model function (a tag is allowed)
+#      "timm_kwargs": {"img_size": 32, "patch_size": 4, ...}, # plain values only: ints, floats, str, lists
+#      "state_dict": {...}, "mean": [r, g, b], "std": [r, g, b]}
+# loaded with torch.load(weights_only=True); or a .safetensors state dict whose metadata holds the other
+# four entries as JSON strings (plus "format": TIMM_FILE_FORMAT). The keywords reach timm.create_model as
+# data: no code from the file runs, and keywords that make timm read files or change the output are refused.
+
+TIMM_PREFIX = "timm:"
+TIMM_FILE_FORMAT = "repa-timm-encoder"  # safetensors metadata "format" of save_timm_encoder files
+# create_model / build_model_with_cfg keywords that load weights from elsewhere or change what is returned.
+_REFUSED_TIMM_KWARGS = frozenset(
+    ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "pretrained_strict", "checkpoint_path")
+    + ("cache_dir", "features_only", "feature_cfg", "out_indices")
+)
+
+
+def timm_spec(
+    model_name: str,
+    timm_kwargs: Mapping | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> EncoderSpec:
+    """The spec of `timm:<model_name>` built with `timm_kwargs`: token layout from the model (built on the
+    meta device, so this is cheap at any size), mean/std given or from timm's pretrained config, weights
+    from timm's Hugging Face copy (or its URL) of that model."""
+    name = f"{TIMM_PREFIX}{model_name}"
+    if not timm.is_model(model_name):  # registered names only: `hf-hub:` / `local-dir:` read configs elsewhere
+        raise ValueError(f"{name}: timm has no model {model_name!r} (timm.list_models() lists them)")
+    kwargs = _check_timm_kwargs(timm_kwargs or {}, name)
+    with torch.device("meta"):
+        model = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
+    patch_embed = getattr(model, "patch_embed", None)
+    if not hasattr(patch_embed, "grid_size") or not hasattr(model, "num_prefix_tokens"):
+        raise ValueError(
+            f"{name}: {type(model).__name__} is not a ViT-style timm model (patch_embed + prefix tokens + patch "
+            "tokens from forward_features); only those give one target token per SiT token"
+        )
+    patch = tuple(patch_embed.patch_size)
+    if patch[0] != patch[1]:
+        raise ValueError(f"{name}: non-square patches {patch} are not supported")
+    cfg = model.pretrained_cfg or {}
+    # timm-format hub copies hold model.safetensors; other hub files (open_clip) and custom-loaded URLs
+    # (.npz) are not read here.
+    hub_repo = cfg.get("hf_hub_id") if not cfg.get("hf_hub_filename") else None
+    release_url = cfg.get("url") if not cfg.get("custom_load") else None
+    return EncoderSpec(
+        name=name,
+        timm_arch=model_name,
+        embed_dim=model.embed_dim,
+        patch_size=patch[0],
+        num_prefix_tokens=model.num_prefix_tokens,
+        mean=_three_floats(mean if mean is not None else cfg.get("mean", IMAGENET_MEAN), f"{name} mean"),
+        std=_three_floats(std if std is not None else cfg.get("std", IMAGENET_STD), f"{name} std", positive=True),
+        hub_repo=hub_repo or None,
+        release_url=release_url or None,
+        release_note=f"timm has no downloadable weights for {model_name}: train one and save it with "
+        "models.encoders.save_timm_encoder (or take a timm state dict)",
+        timm_kwargs=kwargs,
+        from_timm_name=True,
+    )
+
+
+def _three_floats(values, what: str, positive: bool = False) -> tuple[float, float, float]:
+    ok = isinstance(values, (list, tuple)) and len(values) == 3 and all(isinstance(v, (int, float)) for v in values)
+    if not ok or (positive and min(values) <= 0):
+        raise ValueError(f"{what} must be 3 {'positive ' if positive else ''}numbers (R, G, B), got {values!r}")
+    return tuple(float(v) for v in values)
+
+
+def _check_timm_kwargs(kwargs: Mapping, where: str) -> dict:
+    """Architecture keywords as plain data: str keys, JSON-like values, nothing that loads or reshapes."""
+
+    def plain(v) -> bool:
+        return (
+            v is None or isinstance(v, (bool, int, float, str)) or (isinstance(v, (list, tuple)) and all(map(plain, v)))
+        )
+
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"{where}: timm_kwargs must be a dict of architecture keywords, got {type(kwargs).__name__}")
+    bad = [k for k, v in kwargs.items() if not isinstance(k, str) or k in _REFUSED_TIMM_KWARGS or not plain(v)]
+    if bad:
+        raise ValueError(
+            f"{where}: timm_kwargs {bad} refused: keywords must be architecture settings with plain values "
+            f"(numbers, strings, lists), not {sorted(_REFUSED_TIMM_KWARGS)}"
+        )
+    return {k: v for k, v in kwargs.items() if k != "num_classes"}  # the classifier is never built here
+
+
+def save_timm_encoder(
+    model: nn.Module,
+    name: str,
+    kwargs: Mapping,
+    path: str | Path,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> Path:
+    """Save a timm ViT, built as `timm.create_model(name, **kwargs)`, for `--enc-type timm:<name> --enc-ckpt PATH`.
+
+    `mean` / `std`: the normalisation the encoder was trained with (on images in [0, 1]). The input size is
+    recorded (img_size) even if `kwargs` leave it to timm's default, so the file fixes the token grid. The
+    classifier head and num_classes are dropped. `.safetensors` paths get the state dict with the rest as
+    metadata; other paths a torch.save'd dict (format in the section comment above). The file is checked
+    against a model rebuilt from (name, kwargs) before it is written, so a wrong keyword fails here, not in
+    the REPA run that loads it.
+    """
+    path = Path(path)
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    model = getattr(model, "module", model)  # DistributedDataParallel wrapper
+    kwargs = _check_timm_kwargs(kwargs, f"save_timm_encoder({name!r})")
+    if "img_size" not in kwargs:
+        size = tuple(model.patch_embed.img_size)
+        kwargs["img_size"] = size[0] if size[0] == size[1] else list(size)
+    mean, std = list(_three_floats(mean, "mean")), list(_three_floats(std, "std", positive=True))
+    timm_spec(name, kwargs, mean, std)  # raises for unknown names, non-ViT models, refused keywords
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    state = {k: v for k, v in state.items() if k.split(".")[0] not in ("head", "head_drop")}
+    with torch.device("meta"):
+        twin = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    if report := _mismatch_report(twin.state_dict(), state):
+        raise ValueError(f"save_timm_encoder: the model's weights do not fit timm {name} with {kwargs}: {report}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        meta = dict(timm_model=name, timm_kwargs=kwargs, mean=mean, std=std)
+        save_file(
+            state, str(path), metadata={"format": TIMM_FILE_FORMAT, **{k: json.dumps(v) for k, v in meta.items()}}
+        )
+    else:
+        torch.save(dict(timm_model=name, timm_kwargs=kwargs, state_dict=state, mean=mean, std=std), path)
+    return path
+
+
+def _is_timm_file(raw) -> bool:
+    return isinstance(raw, dict) and "timm_model" in raw
+
+
+def _timm_file_spec(spec: EncoderSpec, raw: dict, source: str) -> tuple[EncoderSpec, dict]:
+    """(spec of the file's architecture, its state dict) for a save_timm_encoder file given as --enc-ckpt."""
+    model_name = raw.get("timm_model")
+    if not spec.from_timm_name:
+        raise ValueError(f"{source} is a timm encoder file ({model_name}): pass it with --enc-type timm:{model_name}")
+    missing = [k for k in ("timm_model", "state_dict", "mean", "std") if k not in raw]
+    if missing or not isinstance(model_name, str) or not isinstance(raw["state_dict"], dict):
+        raise ValueError(
+            f"{source}: a timm encoder file is a dict with timm_model (str), timm_kwargs, state_dict (dict), "
+            f"mean, std; missing {missing}. Write it with models.encoders.save_timm_encoder."
+        )
+    if model_name.split(".")[0] != spec.timm_arch.split(".")[0]:  # tags (.lvd142m) only name weights
+        raise ValueError(f"{source} holds timm {model_name}, not {spec.timm_arch}: pass --enc-type timm:{model_name}")
+    resolved = timm_spec(model_name, raw.get("timm_kwargs") or {}, raw["mean"], raw["std"])
+    return dataclasses.replace(resolved, name=spec.name), raw["state_dict"]
+
+
 def parse_enc_type(enc_type: str | None) -> list[EncoderSpec]:
-    """`"dinov2-vit-b,clip-vit-L"` -> specs; `"none"` / `""` -> [] (vanilla SiT, no alignment)."""
+    """`"dinov2-vit-b,clip-vit-L,timm:vit_small_patch14_dinov2.lvd142m"` -> specs; `"none"` / `""` -> [].
+
+    `timm:<model>` specs describe timm's default architecture; a save_timm_encoder file given with
+    --enc-ckpt replaces it with its own (build_encoder), since only the file knows its keywords."""
     if enc_type is None or enc_type.strip().lower() in ("", "none"):
         return []
     specs = []
     for name in (n.strip() for n in enc_type.split(",")):
-        if name.lower() not in _BY_LOWER_NAME:
+        if name.lower().startswith(TIMM_PREFIX):
+            specs.append(timm_spec(name[len(TIMM_PREFIX) :].strip()))
+        elif name.lower() in _BY_LOWER_NAME:
+            specs.append(_BY_LOWER_NAME[name.lower()])
+        else:
             raise ValueError(
-                f"unknown encoder {name!r} in enc_type {enc_type!r}; known encoders: {', '.join(ENCODERS)}"
+                f"unknown encoder {name!r} in enc_type {enc_type!r}; known encoders: {', '.join(ENCODERS)}, "
+                f"or {TIMM_PREFIX}<timm model name>"
             )
-        specs.append(_BY_LOWER_NAME[name.lower()])
     return specs
 
 
@@ -401,7 +579,8 @@ def _weights_not_found(spec: EncoderSpec, reason: str) -> FileNotFoundError:
             f"in {Path(torch.hub.get_dir()) / 'checkpoints'})."
         )
     elif spec.release_note:
-        lines.append(f"  - Official release: {spec.release_note}; pass it with --enc-ckpt PATH.")
+        label = "Weights" if spec.from_timm_name else "Official release"
+        lines.append(f"  - {label}: {spec.release_note}; pass it with --enc-ckpt PATH.")
     lines.append("  (--enc-weights random trains against random-feature targets: for debugging only.)")
     return FileNotFoundError("\n".join(lines))
 
@@ -460,9 +639,19 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"--enc-ckpt {path} does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as archive:
+            meta = archive.metadata() or {}
+        state = load_file(str(path))
+        if meta.get("format") != TIMM_FILE_FORMAT:
+            return state
+        try:  # a save_timm_encoder file: the same dict as its torch form (JSON only: nothing runs)
+            info = {k: json.loads(meta[k]) for k in ("timm_model", "timm_kwargs", "mean", "std")}
+        except (KeyError, json.JSONDecodeError) as err:
+            raise ValueError(f"--enc-ckpt {path}: broken {TIMM_FILE_FORMAT} metadata ({err!r})") from err
+        return {**info, "state_dict": state}
     if _is_torchscript(path):
         raise ValueError(
             f"{path} is a TorchScript archive (as OpenAI's CLIP release ViT-L-14.pt is): loading one runs the code "
@@ -494,16 +683,8 @@ def _fetch_weights(spec: EncoderSpec, ckpt_path: str | Path | None) -> tuple[dic
     raise _weights_not_found(spec, "; ".join(reasons) or "it has no public download")
 
 
-def _load_matching(model: nn.Module, spec: EncoderSpec, raw: dict, source: str) -> None:
-    """Convert `raw` to the model's keys and load it, naming every missing / unexpected / misshaped key."""
-    state = spec.convert(raw)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        top = list(raw)[:8] if isinstance(raw, dict) else type(raw).__name__
-        raise ValueError(f"{source}: not a {spec.name} state dict (top-level keys: {top})")
-    # timm's filters: DINOv2 / OpenAI-CLIP / DINOv3 key conversion and pos_embed resampling to our grid.
-    timm_filter = timm_eva.checkpoint_filter_fn if isinstance(model, timm_eva.Eva) else timm_vit.checkpoint_filter_fn
-    state = timm_filter(dict(state), model)
-    expected = model.state_dict()
+def _mismatch_report(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> str:
+    """Every missing / unexpected / misshaped key ("" when `state` fits); pooling parts are not compared."""
     state = {k: v for k, v in state.items() if k in expected or k.split(".")[0] not in _POOLING_PARTS}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -512,15 +693,30 @@ def _load_matching(model: nn.Module, spec: EncoderSpec, raw: dict, source: str) 
         for k, v in expected.items()
         if k in state and state[k].shape != v.shape
     ]
-    if missing or unexpected or misshaped:
+    if not (missing or unexpected or misshaped):
+        return ""
 
-        def listing(keys: list[str]) -> str:
-            return f"{len(keys)} {keys[:8]}{' ...' if len(keys) > 8 else ''}"
+    def listing(keys: list[str]) -> str:
+        return f"{len(keys)} {keys[:8]}{' ...' if len(keys) > 8 else ''}"
 
-        raise ValueError(
-            f"{source}: checkpoint keys do not match {spec.name} (timm {spec.timm_arch}): "
-            f"missing {listing(missing)}; unexpected {listing(unexpected)}; wrong shape {listing(misshaped)}"
-        )
+    return f"missing {listing(missing)}; unexpected {listing(unexpected)}; wrong shape {listing(misshaped)}"
+
+
+def _load_matching(model: nn.Module, spec: EncoderSpec, raw: dict, source: str) -> None:
+    """Convert `raw` to the model's keys and load it, naming every missing / unexpected / misshaped key."""
+    state = spec.convert(raw)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        top = list(raw)[:8] if isinstance(raw, dict) else type(raw).__name__
+        raise ValueError(f"{source}: not a {spec.name} state dict (top-level keys: {top})")
+    # timm's filters: DINOv2 / OpenAI-CLIP / DINOv3 key conversion and pos_embed resampling to our grid.
+    if isinstance(model, timm_eva.Eva):
+        state = timm_eva.checkpoint_filter_fn(dict(state), model)
+    elif isinstance(model, timm_vit.VisionTransformer):
+        state = timm_vit.checkpoint_filter_fn(dict(state), model)
+    if report := _mismatch_report(model.state_dict(), state):
+        arch = f"timm {spec.timm_arch}" + (f" with {dict(spec.timm_kwargs)}" if spec.timm_kwargs else "")
+        raise ValueError(f"{source}: checkpoint keys do not match {spec.name} ({arch}): {report}")
+    state = {k: v for k, v in state.items() if k in model.state_dict()}
     model.load_state_dict(state, strict=True)
 
 
@@ -530,8 +726,14 @@ def _load_matching(model: nn.Module, spec: EncoderSpec, raw: dict, source: str) 
 
 
 def _create_model(spec: EncoderSpec, resolution: int) -> nn.Module:
-    """The timm architecture at this resolution's input size, without classifier or pooling head."""
-    kwargs = dict(img_size=spec.input_size(resolution), num_classes=0, global_pool="")
+    """The timm architecture at this resolution's input size (unless timm_kwargs fix img_size), no classifier.
+
+    Registry entries also drop the pooling (global_pool=""); `timm:` models keep theirs, since it decides
+    which final norm timm builds (`norm` for token pooling, `fc_norm` after average pooling) and so the
+    keys of their checkpoints; their targets are timm's `forward_features`, whatever it applies."""
+    kwargs = dict(img_size=spec.input_size(resolution), num_classes=0)
+    if not spec.from_timm_name:
+        kwargs["global_pool"] = ""
     return timm.create_model(spec.timm_arch, pretrained=False, **{**kwargs, **spec.timm_kwargs})
 
 
@@ -543,6 +745,21 @@ def _check_registry_entry(spec: EncoderSpec, model: nn.Module) -> None:
         raise RuntimeError(
             f"registry entry {spec.name} declares (embed_dim, patch_size, num_prefix_tokens)={declared} but "
             f"timm {spec.timm_arch} has {found}"
+        )
+
+
+def _check_token_grid(spec: EncoderSpec, model: nn.Module, resolution: int) -> None:
+    # One target token per SiT token (REPA aligns token i with token i). Registry entries and timm names
+    # without a file are built at grid * patch px and always pass; a save_timm_encoder file fixes its
+    # img_size, and is not resampled silently to another grid: it was trained at that one.
+    grid, found = spec.grid(resolution), tuple(model.patch_embed.grid_size)
+    if found != (grid, grid):
+        size = tuple(model.patch_embed.img_size)
+        raise ValueError(
+            f"encoder {spec.name}: its patch grid is {found[0]}x{found[1]} (img_size {size[0]}, patch {spec.patch_size}) "
+            f"but the SiT token grid is {grid}x{grid} (encoder resolution {resolution} = 16 x grid; train.py "
+            f"derives it as SiT input side / SiT patch). Pick a SiT patch size giving {found[0]}x{found[1]} "
+            f"tokens, or an encoder trained at img_size {grid * spec.patch_size}"
         )
 
 
@@ -583,9 +800,12 @@ def build_encoder(
 
     # Resolve weights before building: offline errors come at once, not after a 1B-parameter init.
     raw, source = _fetch_weights(spec, ckpt_path) if enc_weights == "pretrained" else (None, "RANDOM")
+    if _is_timm_file(raw):  # save_timm_encoder's file: its own architecture keywords and mean/std
+        spec, raw = _timm_file_spec(spec, raw, source)
     with torch.device("meta" if device.type == "meta" else "cpu"):
         model = _create_model(spec, resolution)
     _check_registry_entry(spec, model)
+    _check_token_grid(spec, model, resolution)
     if raw is not None:
         _load_matching(model, spec, raw, source)
     else:
@@ -632,8 +852,8 @@ def load_encoders(
             continue  # counting flops builds a meta twin: only worth it when the line is shown
         logger.info(
             "encoder %s: timm %s, weights %s; %.1fM params, %.2f GMACs/image; %dpx in -> %dx%d tokens x %d",
-            spec.name,
-            spec.timm_arch,
+            encoder.spec.name,
+            encoder.spec.timm_arch,
             encoder.weights_source,
             encoder.num_params / 1e6,
             encoder.gmacs_per_image(),

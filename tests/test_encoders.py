@@ -7,7 +7,10 @@ they are the facts under test, not values imported from the module.
 """
 
 import dataclasses
+import json
 import math
+import subprocess
+import sys
 import warnings
 from collections import OrderedDict
 
@@ -510,3 +513,180 @@ def test_demo_resolution_sets_grid_and_resizes_images(tmp_path, caplog):
     got = encoder.encode(x)
     assert got.shape == (2, 16, 64)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+#################################################################################
+#                     Any timm ViT by name: `timm:<model-name>`                 #
+#################################################################################
+# The demo's own encoder: a tiny ViT trained on 32 px images, saved with save_timm_encoder and used as the
+# REPA target at the SiT's 8x8 token grid (32 px, SiT patch 4: encoder resolution 16 * 8).
+
+TINY_VIT = "vit_tiny_patch16_224"
+TINY_VIT_KWARGS = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, reg_tokens=2)
+TINY_VIT_NORM = ((0.3, 0.4, 0.5), (0.2, 0.25, 0.3))  # not timm's (0.5, 0.5): must come from the file
+
+
+def tiny_vit(seed=0, **overrides):
+    """The architecture as the experiment builds it: with its classifier head (10 shape classes)."""
+    kwargs = {**TINY_VIT_KWARGS, **overrides}
+    return randomize_(timm.create_model(TINY_VIT, num_classes=10, **kwargs), seed).eval(), kwargs
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_timm_file_gives_forward_features_patch_tokens(tmp_path, suffix):
+    model, kwargs = tiny_vit()
+    path = encoders.save_timm_encoder(model, TINY_VIT, kwargs, tmp_path / f"tiny_vit{suffix}", *TINY_VIT_NORM)
+    (encoder,) = load_encoders(f"timm:{TINY_VIT}", "cpu", 16 * 8, ckpt_path=path)
+    assert encoder.spec.name == f"timm:{TINY_VIT}" and str(path) in encoder.weights_source
+    assert (encoder.grid, encoder.embed_dim, encoder.input_size, encoder.spec.num_prefix_tokens) == (8, 64, 32, 3)
+    assert encoder.num_params == sum(p.numel() for n, p in model.named_parameters() if not n.startswith("head"))
+    # Same count as the registry's ViT formula: T = 64 patches + CLS + 2 registers, D = 64, 2 blocks.
+    t, d = 67, 64
+    macs = 2 * (12 * t * d * d + 2 * t * t * d) + 64 * d * 3 * 4 * 4
+    assert encoder.gmacs_per_image() == pytest.approx(macs / 1e9, rel=1e-3)
+
+    x = images(2, 32)
+    # forward_features (final norm included) minus CLS and the 2 registers, on the file's normalisation.
+    want = reference_tokens(model, preprocess(x, TINY_VIT_NORM, 32), prefix=3)
+    got = encoder.encode(x)
+    assert got.shape == (2, 64, 64)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # Images of another size are resized (bicubic) to the encoder's 32 px input; the grid stays 8x8.
+    x64 = images(2, 64, seed=1)
+    want64 = reference_tokens(model, preprocess(x64, TINY_VIT_NORM, 32), prefix=3)
+    torch.testing.assert_close(encoder.encode(x64), want64, rtol=1e-4, atol=1e-4)
+
+
+def test_timm_file_grid_must_equal_the_sit_grid(tmp_path):
+    model, kwargs = tiny_vit()
+    path = encoders.save_timm_encoder(model, TINY_VIT, kwargs, tmp_path / "tiny_vit.pt", *TINY_VIT_NORM)
+    # SiT-S/8 on 32 px images: a 4x4 grid, encoder resolution 64; the file's ViT has 8x8 patches.
+    with pytest.raises(ValueError, match=r"patch grid is 8x8 \(img_size 32, patch 4\).*SiT token grid is 4x4"):
+        load_encoders(f"timm:{TINY_VIT}", "cpu", 16 * 4, ckpt_path=path)
+
+
+def test_timm_file_whose_keys_do_not_fit_names_the_file(tmp_path):
+    model, kwargs = tiny_vit()
+    path = encoders.save_timm_encoder(model, TINY_VIT, kwargs, tmp_path / "tiny_vit.pt", *TINY_VIT_NORM)
+    raw = torch.load(path, weights_only=True)
+    raw["timm_kwargs"]["depth"] = 3  # the file's keywords no longer describe its weights
+    del raw["state_dict"]["blocks.1.norm2.bias"]
+    torch.save(raw, tmp_path / "edited.pt")
+    with pytest.raises(ValueError) as info:
+        load_encoders(f"timm:{TINY_VIT}", "cpu", 128, ckpt_path=tmp_path / "edited.pt")
+    for needle in [str(tmp_path / "edited.pt"), "blocks.2.", "blocks.1.norm2.bias", f"timm:{TINY_VIT}", "'depth': 3"]:
+        assert needle in str(info.value)
+    # The helper checks keywords against the weights before writing: a wrong one fails at save time.
+    with pytest.raises(ValueError, match="do not fit timm vit_tiny_patch16_224.*wrong shape"):
+        encoders.save_timm_encoder(model, TINY_VIT, {**kwargs, "embed_dim": 96}, tmp_path / "x.pt", *TINY_VIT_NORM)
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_timm_files_are_data_only(tmp_path):
+    model, kwargs = tiny_vit()
+    path = encoders.save_timm_encoder(model, TINY_VIT, kwargs, tmp_path / "tiny_vit.pt", *TINY_VIT_NORM)
+    raw = torch.load(path, weights_only=True)
+    assert set(raw) == {"timm_model", "timm_kwargs", "state_dict", "mean", "std"}
+    assert raw["timm_kwargs"] == TINY_VIT_KWARGS and not any(k.startswith("head") for k in raw["state_dict"])
+    # Keywords that would make timm load another file are refused, in the file and at save time.
+    raw["timm_kwargs"]["checkpoint_path"] = str(tmp_path / "other.pth")
+    torch.save(raw, tmp_path / "loads_a_file.pt")
+    with pytest.raises(ValueError, match=r"\['checkpoint_path'\] refused"):
+        load_encoders(f"timm:{TINY_VIT}", "cpu", 128, ckpt_path=tmp_path / "loads_a_file.pt")
+    with pytest.raises(ValueError, match=r"\['pretrained'\] refused"):
+        encoders.save_timm_encoder(model, TINY_VIT, {**kwargs, "pretrained": True}, tmp_path / "x.pt", *TINY_VIT_NORM)
+    # A file for one name is not loaded under another; a timm file is not a registry encoder's weights.
+    with pytest.raises(ValueError, match="holds timm vit_tiny_patch16_224, not vit_small_patch16_224"):
+        load_encoders("timm:vit_small_patch16_224", "cpu", 128, ckpt_path=path)
+    with pytest.raises(ValueError, match="pass it with --enc-type timm:vit_tiny_patch16_224"):
+        load_encoders("dinov2-vit-s", "cpu", 128, ckpt_path=path)
+    with pytest.raises(ValueError, match="timm has no model 'vit_nonexistent'"):
+        load_encoders("timm:vit_nonexistent", "meta", 128, enc_weights="random")
+    with pytest.raises(ValueError, match="ResNet is not a ViT-style timm model"):
+        load_encoders("timm:resnet18", "meta", 128, enc_weights="random")
+
+
+def test_timm_and_registry_encoders_mix(tmp_path, monkeypatch):
+    # A registry encoder (DINOv2 at test width, official release file) next to the demo's timm file, with
+    # --enc-ckpt as train.py passes it: one comma-separated string, one path per encoder.
+    dinov2 = tiny(ENCODERS["dinov2-vit-s"])
+    monkeypatch.setitem(encoders._BY_LOWER_NAME, "dinov2-vit-s", dinov2)
+    reference = timm_reference(dinov2, native_size=518)
+    torch.save(dinov2_official(reference.state_dict()), tmp_path / "dinov2_vits14_pretrain.pth")
+    model, kwargs = tiny_vit(embed_dim=48, num_heads=3)
+    encoders.save_timm_encoder(model, TINY_VIT, kwargs, tmp_path / "tiny_vit.safetensors", *TINY_VIT_NORM)
+
+    paths = f"{tmp_path / 'dinov2_vits14_pretrain.pth'},{tmp_path / 'tiny_vit.safetensors'}"
+    found = load_encoders(f"dinov2-vit-s, timm:{TINY_VIT}", "cpu", 128, ckpt_path=paths)
+    assert [e.spec.name for e in found] == ["dinov2-vit-s", f"timm:{TINY_VIT}"]
+    assert [e.embed_dim for e in found] == [64, 48] and [e.grid for e in found] == [8, 8]
+    x = images(2, 32)
+    want = [
+        reference_tokens(reference, preprocess(x, IMAGENET, 8 * 14), prefix=1),  # 32 -> 112 px for /14
+        reference_tokens(model, preprocess(x, TINY_VIT_NORM, 32), prefix=3),
+    ]
+    for encoder, tokens in zip(found, want):
+        torch.testing.assert_close(encoder.encode(x), tokens, rtol=1e-4, atol=1e-4)
+
+
+def test_timm_plain_state_dict_is_resampled_like_the_registry(tmp_path):
+    # A timm state dict without keywords (as the hub holds them): timm's default architecture (test_vit:
+    # 160 px, /16, a 10x10 pos_embed) built at grid * patch px with pos_embed resampled once to the 4x4
+    # grid, and mean/std from timm's pretrained config (0.5).
+    reference = randomize_(timm.create_model("test_vit", num_classes=0, dynamic_img_size=True)).eval()
+    save_file(reference.state_dict(), str(tmp_path / "model.safetensors"))
+    (encoder,) = load_encoders("timm:test_vit", "cpu", 16 * 4, ckpt_path=tmp_path / "model.safetensors")
+    assert (encoder.input_size, encoder.grid, encoder.embed_dim) == (64, 4, 64)
+    x = images(2, 32)
+    want = reference_tokens(reference, preprocess(x, HALF, 64), prefix=1)
+    torch.testing.assert_close(encoder.encode(x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_timm_name_of_a_registry_encoder_builds_the_same_encoder():
+    # timm's DINOv2-S by name at 256 px: the registry's 224 px input, 16x16 grid, CLS dropped, same cost.
+    named, registered = (
+        load_encoders(name, "meta", 256, enc_weights="random")[0]
+        for name in ("timm:vit_small_patch14_dinov2.lvd142m", "dinov2-vit-s")
+    )
+    assert (named.input_size, named.grid, named.embed_dim, named.spec.num_prefix_tokens) == (224, 16, 384, 1)
+    assert named.spec.hub_repo == registered.spec.hub_repo and named.spec.mean == registered.spec.mean
+    assert named.num_params == registered.num_params
+    assert named.gmacs_per_image() == pytest.approx(registered.gmacs_per_image())
+
+
+def test_timm_name_offline_without_cache_names_file_and_flag(offline_caches):
+    name = "timm:vit_small_patch14_dinov2.lvd142m"
+    with pytest.raises(FileNotFoundError) as info:
+        load_encoders(name, "cpu", 256)
+    needles = [name, "timm/vit_small_patch14_dinov2.lvd142m", "model.safetensors", "HF_HUB_OFFLINE"]
+    for needle in [*needles, "dinov2_vits14_pretrain.pth", "--enc-ckpt", "--enc-weights random"]:
+        assert needle in str(info.value)
+    # A model without downloadable weights points at save_timm_encoder.
+    with pytest.raises(FileNotFoundError, match=r"(?s)no public download.*save_timm_encoder.*--enc-ckpt"):
+        load_encoders("timm:vit_base_patch16_gap_224", "cpu", 256)
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    from tests.test_train import ROOT
+
+    out = tmp_path_factory.mktemp("data") / "demo"
+    cmd = [sys.executable, "-m", "preprocessing.make_demo_data", "--out", str(out), "--per-class", "2"]
+    subprocess.run(cmd + ["--num-classes", "4", "--resolution", "32"], cwd=ROOT, check=True, capture_output=True)
+    return out
+
+
+def test_train_aligns_to_a_saved_timm_encoder(demo_data, tmp_path):
+    # The demo's path end to end: train.py with the file as the target encoder ("pretrained": the file
+    # is the weights). SiT-S/4 on 32 px images: 8x8 tokens, the file's grid.
+    from checkpoints import load_checkpoint
+    from tests.test_train import run_train, tiny_argv
+
+    model, kwargs = tiny_vit()
+    path = encoders.save_timm_encoder(model, TINY_VIT, kwargs, tmp_path / "tiny_vit.pt", *TINY_VIT_NORM)
+    argv = tiny_argv(demo_data, tmp_path, model="SiT-S/4", enc_type=f"timm:{TINY_VIT}", enc_weights="pretrained")
+    run_train(argv + ["--enc-ckpt", str(path), "--max-train-steps", "2", "--checkpointing-steps", "2"])
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "0000002.pt")
+    assert ckpt["model_kwargs"]["z_dims"] == [64] and ckpt["steps"] == 2
+    stats = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    assert len(stats) == 2 and all(-1 <= s["proj_loss"] <= 1 for s in stats)
