@@ -1,9 +1,10 @@
 """The training loop step by step: what each optimizer step of train.py does, against independent computations.
 
-Each test runs train.train() on a tiny setup (32 px pixel space, or 4x4 SD-VAE latents; depth 3, width 64) and
-records what the loop does by wrapping its collaborators: the DataLoader, the loss object, the optimizer's step
-hooks, update_ema, the preview samplers and the encoders. train.py itself is not changed. The expected values
-are computed here from the documented rules, not by calling the loop's own helpers again:
+Each test runs train.train() on a tiny setup (32 px pixel space, or hand-made 4x4 SD-VAE moments; depth 3,
+width 64) and records what the loop does by wrapping its collaborators: the DataLoader, the loss object, the
+optimizer's step hooks, update_ema, the preview samplers and the encoders. train.py itself is not changed. The
+expected values are computed here from the documented rules, not by running the loop's code again (the one
+helper used, train.step_seed, has its own test: distinct for every (seed, rank, position)):
     data order     position p -> entry p % n of np.random.default_rng([seed, p // n]).permutation(n)
     randomness     every micro-step reseeds from step_seed(seed, rank, position), then draws in order:
                    [latent eps] [legacy label drop] t, noise (loss), label drop (model)
@@ -304,7 +305,27 @@ def test_every_draw_of_a_micro_step_comes_from_its_seed_and_data_position(demo_d
         assert call["proj"] != 0 and call["total"] == pytest.approx(
             call["denoising"].mean().item() + 0.7 * call["proj"]
         )
+    assert len({call["t"][0].item() for call in rec.calls}) == 6  # no two micro-steps draw alike
     assert checkpoint(tmp_path, 3)["data_position"] == 12
+
+
+def test_rank_one_draws_its_own_slice_from_its_own_seed(demo_data, tmp_path, recorder, monkeypatch):
+    # Rank 1 of 2, simulated in one process: the Accelerator reports process 1 of 2, and its sum over ranks
+    # counts this rank twice (as if the other agreed). The two-process test in test_train.py runs the real thing.
+    class SecondOfTwo(train.Accelerator):
+        process_index, num_processes, is_main_process = 1, 2, False
+
+        def reduce(self, tensor, reduction="sum", scale=1.0):
+            return tensor * 2 if reduction == "sum" else tensor
+
+    monkeypatch.setattr(train, "Accelerator", SecondOfTwo)
+    rec = recorder()
+    run(tiny_argv(demo_data, tmp_path, max_train_steps=2, checkpointing_steps=2))
+    assert len(rec.calls) == 2
+    for k, (call, (indices, _, _, _)) in enumerate(zip(rec.calls, rec.batches)):
+        position = 4 * k  # global batch 4: rank 1 takes positions 4k + 2 and 4k + 3
+        assert indices.tolist() == data_order(NUM_ITEMS, 0, [position + 2, position + 3])
+        assert torch.equal(call["rng"], step_generator(0, position, rank=1).get_state()), f"micro-step {k}"
 
 
 def draws(calls):
