@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +21,16 @@ def testdata():
     if not TESTDATA.is_dir():
         pytest.fail(f"reference data folder {TESTDATA} is missing (it is part of the repository)")
     return TESTDATA
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """The synthetic demo set at 32 px: 4 classes x 6 images, pixel space (read-only for tests)."""
+    out = tmp_path_factory.mktemp("data") / "demo"
+    cmd = [sys.executable, "-m", "preprocessing.make_demo_data", "--out", str(out), "--per-class", "6"]
+    cmd += ["--num-classes", "4", "--resolution", "32"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -15,15 +15,6 @@ from checkpoints import load_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "demo"
-    cmd = [sys.executable, "-m", "preprocessing.make_demo_data", "--out", str(out), "--per-class", "6"]
-    cmd += ["--num-classes", "4", "--resolution", "32"]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
-    return out
-
-
 def tiny_argv(data_dir, out_dir, **overrides):
     options = dict(
         model="SiT-S/8", depth=3, hidden_size=64, num_heads=2, num_classes=4, encoder_depth=2, projector_dim=64, data_dir=data_dir,
