@@ -22,6 +22,8 @@ measure_alignment.py), from which the facts below are taken, not the code.
   two masked kernels: CKNNA = HSIC(K~, L~) / sqrt(HSIC(K^, K^) HSIC(L^, L^)), where K^ keeps only K's own
   neighbours (the mask of K with itself) and likewise L^. k = 10 as in REPA and Huh et al.
   Mutual k-NN: the mean over i of |kNN_A(i) & kNN_B(i)| / k on the same normalised features.
+  Both are computed in float64 from the k-neighbour lists (kernel rows formed in chunks), so memory grows
+  like N k, not N^2: N = 50,000 fits on a GPU or in CPU memory.
 * Diffusion features (REPA issue #24): the hidden state after block l (1-based, the same count as
   `encoder_depth`), averaged over the patch tokens, computed with the null class label (no class
   information). The input is the clean image (pixel runs) or its VAE latent (a posterior sample scaled by
@@ -88,53 +90,82 @@ def _unit_rows(feats: torch.Tensor, name: str) -> torch.Tensor:
     return F.normalize(feats.to(torch.float64), dim=1)
 
 
-def _check_topk(n: int, topk: int) -> None:
+def _paired_unit_rows(feats_a, feats_b, topk: int, min_rows: int = 2):
+    a, b = _unit_rows(feats_a, "feats_a"), _unit_rows(feats_b, "feats_b").to(feats_a.device)
+    n = a.shape[0]
+    if b.shape[0] != n or n < min_rows:
+        raise ValueError(f"needs N >= {min_rows} paired rows, got {n} and {b.shape[0]}")
     if not 1 <= topk <= n - 1:
         raise ValueError(f"topk must lie in 1..N-1 = {n - 1} (self is never a neighbour), got {topk}")
+    return a, b
 
 
-def knn_mask(kernel: torch.Tensor, topk: int) -> torch.Tensor:
-    """(N, N) bool: row i is True at the topk columns j != i with the largest kernel[i, j]."""
-    scores = kernel.clone().fill_diagonal_(float("-inf"))  # i is not its own neighbour
-    neighbours = scores.topk(topk, dim=1).indices  # (N, topk)
-    return torch.zeros_like(kernel, dtype=torch.bool).scatter_(1, neighbours, True)
+def nearest_neighbours(unit: torch.Tensor, topk: int, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, topk) indices j != i of the largest kernel values unit_i . unit_j, and those values.
 
-
-def unbiased_hsic(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-    """Unbiased HSIC of two (m, m) kernels (Song et al. 2012, Eq. 5), m >= 4; diagonals are ignored.
-
-    With K~, L~ the kernels with zeroed diagonals:
-        HSIC = [tr(K~ L~) + 1'K~1 1'L~1 / ((m-1)(m-2)) - 2/(m-2) 1'K~L~1] / (m (m-3)).
-    The masked kernels of CKNNA are not symmetric, so tr(K~ L~) = sum_ij K~_ij L~_ji keeps the transpose.
-    O(m^2): 1'K~L~1 is (column sums of K~) . (row sums of L~), no m x m product.
+    Kernel rows are formed `chunk` at a time, so memory stays O(chunk x N) rather than N x N.
     """
-    m = K.shape[0]
-    K = K.clone().fill_diagonal_(0)
-    L = L.clone().fill_diagonal_(0)
-    trace = (K * L.T).sum()
-    sums = K.sum() * L.sum() / ((m - 1) * (m - 2))
-    cross = K.sum(dim=0) @ L.sum(dim=1)
-    return (trace + sums - 2 * cross / (m - 2)) / (m * (m - 3))
+    indices, values = [], []
+    for start in range(0, unit.shape[0], chunk):
+        rows = unit[start : start + chunk] @ unit.T  # (B, N)
+        own = torch.arange(start, start + rows.shape[0], device=unit.device)
+        rows[own - start, own] = float("-inf")  # i is not its own neighbour
+        top = rows.topk(topk, dim=1)
+        indices.append(top.indices)
+        values.append(top.values)
+    return torch.cat(indices), torch.cat(values)
+
+
+def _shared(idx_a: torch.Tensor, idx_b: torch.Tensor) -> torch.Tensor:
+    """(N, k, k) bool: entry [i, r, s] says neighbour r of i in A is neighbour s of i in B."""
+    return idx_a[:, :, None] == idx_b[:, None, :]
+
+
+def sparse_unbiased_hsic(n: int, rows: torch.Tensor, cols: torch.Tensor, k_vals, l_vals) -> torch.Tensor:
+    """Unbiased HSIC (Song et al. 2012, Eq. 5) of two n x n kernels zero outside the entries (rows, cols).
+
+    With K~, L~ the kernels with zeroed diagonals (the support here never holds i == j):
+        HSIC = [tr(K~ L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n (n-3)).
+    The masked kernels of CKNNA are not symmetric, so tr(K~ L~) = sum_ij K~_ij L~_ji pairs entry (i, j)
+    of K~ with entry (j, i) of L~, found by a sorted-key lookup; 1'K~L~1 is (column sums of K~) . (row
+    sums of L~). All (E,) flat tensors over the E support entries: O(E log E), no n x n matrix.
+    """
+    keys = rows * n + cols
+    order = keys.argsort()
+    sorted_keys = keys[order]
+    transposed = cols * n + rows
+    position = torch.searchsorted(sorted_keys, transposed).clamp(max=len(keys) - 1)
+    l_transposed = torch.where(sorted_keys[position] == transposed, l_vals[order][position], 0.0)  # L~_ji
+    trace = (k_vals * l_transposed).sum()
+    col_sums_k = torch.zeros(n, dtype=k_vals.dtype, device=k_vals.device).index_add_(0, cols, k_vals)
+    row_sums_l = torch.zeros(n, dtype=l_vals.dtype, device=l_vals.device).index_add_(0, rows, l_vals)
+    cross = col_sums_k @ row_sums_l
+    return (trace + k_vals.sum() * l_vals.sum() / ((n - 1) * (n - 2)) - 2 * cross / (n - 2)) / (n * (n - 3))
 
 
 def cknna(feats_a: torch.Tensor, feats_b: torch.Tensor, topk: int = 10) -> float:
     """CKNNA (Huh et al. 2024) of paired features (N, D_a) and (N, D_b); rows are L2-normalised here.
 
+    K = A A^T and L = B B^T on unit rows; K~, L~ keep entry (i, j) only where j is among the topk
+    neighbours of i in both K and L; K^ keeps K's own neighbours (L^ likewise). Then
+        CKNNA = HSIC(K~, L~) / sqrt(HSIC(K^, K^) HSIC(L^, L^))     (unbiased HSIC).
     1 for identical neighbourhood structure, near 0 for independent features; invariant to rotations and
     to any positive scale of each row. NaN (with a warning) when a self-similarity term is not positive,
-    which only degenerate features (e.g. all rows equal) give. Computed in float64 on the inputs' device.
+    which only degenerate features (e.g. all rows equal) give. Float64 on the inputs' device, O(N k) memory
+    besides kernel rows formed in chunks.
     """
-    a, b = _unit_rows(feats_a, "feats_a"), _unit_rows(feats_b, "feats_b").to(feats_a.device)
+    a, b = _paired_unit_rows(feats_a, feats_b, topk, min_rows=4)
     n = a.shape[0]
-    if b.shape[0] != n or n < 4:
-        raise ValueError(f"cknna needs N >= 4 paired rows, got {n} and {b.shape[0]}")
-    _check_topk(n, topk)
-    K, L = a @ a.T, b @ b.T  # (N, N) cosine kernels
-    mask_k, mask_l = knn_mask(K, topk), knn_mask(L, topk)
-    both = mask_k & mask_l  # j is a neighbour of i in both spaces
-    hsic_kl = unbiased_hsic(K * both, L * both)
-    hsic_kk = unbiased_hsic(K * mask_k, K * mask_k)
-    hsic_ll = unbiased_hsic(L * mask_l, L * mask_l)
+    idx_k, val_k = nearest_neighbours(a, topk)  # (N, k) each
+    idx_l, val_l = nearest_neighbours(b, topk)
+    rows = torch.arange(n, device=a.device).repeat_interleave(topk)  # support of K's neighbours, flat
+    cols = idx_k.reshape(-1)
+    shared = _shared(idx_k, idx_l)  # (N, k, k)
+    keep = shared.any(dim=2)  # (N, k): K's neighbour r of i is also an L-neighbour of i
+    l_at_k = (shared * val_l[:, None, :]).sum(dim=2)  # (N, k): L_ij at those entries (0 elsewhere)
+    hsic_kl = sparse_unbiased_hsic(n, rows, cols, (val_k * keep).reshape(-1), (l_at_k * keep).reshape(-1))
+    hsic_kk = sparse_unbiased_hsic(n, rows, cols, val_k.reshape(-1), val_k.reshape(-1))
+    hsic_ll = sparse_unbiased_hsic(n, rows, idx_l.reshape(-1), val_l.reshape(-1), val_l.reshape(-1))
     if hsic_kk <= 0 or hsic_ll <= 0:
         warnings.warn(f"cknna: degenerate features (HSIC(K,K)={hsic_kk:.3g}, HSIC(L,L)={hsic_ll:.3g})", stacklevel=2)
         return float("nan")
@@ -143,12 +174,10 @@ def cknna(feats_a: torch.Tensor, feats_b: torch.Tensor, topk: int = 10) -> float
 
 def mutual_knn(feats_a: torch.Tensor, feats_b: torch.Tensor, topk: int = 10) -> float:
     """Mean over i of the fraction of i's topk cosine neighbours shared by both feature sets (Huh et al.)."""
-    a, b = _unit_rows(feats_a, "feats_a"), _unit_rows(feats_b, "feats_b").to(feats_a.device)
-    if b.shape[0] != a.shape[0]:
-        raise ValueError(f"mutual_knn needs paired rows, got {a.shape[0]} and {b.shape[0]}")
-    _check_topk(a.shape[0], topk)
-    shared = knn_mask(a @ a.T, topk) & knn_mask(b @ b.T, topk)  # (N, N)
-    return (shared.sum(dim=1) / topk).mean().item()
+    a, b = _paired_unit_rows(feats_a, feats_b, topk)
+    idx_a, _ = nearest_neighbours(a, topk)
+    idx_b, _ = nearest_neighbours(b, topk)
+    return (_shared(idx_a, idx_b).any(dim=2).sum(dim=1) / topk).mean().item()
 
 
 def clamp_outliers(feats: torch.Tensor, quantile: float = 0.95) -> torch.Tensor:
@@ -360,15 +389,13 @@ def load_items(data_dir, pixel_space: bool, num_images: int, seed: int, batch_si
 
 
 def layer_metrics(model_feats: torch.Tensor, enc_feats: torch.Tensor, labels, split, args) -> dict:
-    """CKNNA, mutual k-NN and probe accuracy of one layer's (N, D) features."""
-    device = torch.device(args.device)
-    feats = model_feats.to(device)
-    if args.outlier_quantile:
-        feats = clamp_outliers(feats, args.outlier_quantile)
+    """CKNNA, mutual k-NN and probe accuracy of one layer's (N, D) features (enc_feats: as CKNNA compares them)."""
+    feats = model_feats.to(args.device)
+    compared = clamp_outliers(feats, args.outlier_quantile) if args.outlier_quantile else feats
     train, test = split
     return {
-        "cknna": cknna(feats, enc_feats, args.topk),
-        "mutual_knn": mutual_knn(feats, enc_feats, args.topk),
+        "cknna": cknna(compared, enc_feats, args.topk),
+        "mutual_knn": mutual_knn(compared, enc_feats, args.topk),
         "probe_accuracy": linear_probe(
             feats[train], labels[train], feats[test], labels[test], args.probe_weight_decay, args.probe_max_iter
         ),
@@ -379,7 +406,7 @@ def analyse_checkpoint(model, settings, path, items, enc_feats, split, args) -> 
     """Every metric of one checkpoint (its model and settings from sample_ddp.load_model) at every t and layer."""
     indices, _, x, labels = items
     model = model.to(args.device)
-    layers = args.layers or list(range(1, len(model.blocks) + 1))
+    layers = sorted(set(args.layers)) if args.layers else list(range(1, len(model.blocks) + 1))
     result = {
         "path": str(path),
         "step": checkpoint_step(path),
@@ -409,6 +436,7 @@ def save_plots(report: dict, out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     ckpts, ts = report["checkpoints"], report["protocol"]["t"]
     metrics = (("cknna", "CKNNA with the encoder"), ("probe_accuracy", "linear probe top-1 (held out)"))
@@ -426,6 +454,7 @@ def save_plots(report: dict, out: Path) -> None:
         if depth:
             ax.axvline(depth, color="gray", ls=":", lw=1, label=f"encoder_depth {depth}")
         ax.set_xlabel("block (1-based)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
@@ -461,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enc-weights", choices=WEIGHT_CHOICES, default="pretrained", help="random: for tests only")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="1-based blocks (default: all)")
     p.add_argument("--t", type=float, nargs="+", default=[0.5], help="noise levels, t=0 data, t=1 noise")
-    p.add_argument("--num-images", type=int, default=10_000)
+    p.add_argument("--num-images", type=int, default=10_000, help="random subset, held in memory (uint8 images)")
     p.add_argument("--topk", type=int, default=10, help="k of CKNNA and mutual k-NN (REPA: 10)")
     p.add_argument("--labels", choices=("null", "true"), default="null", help="class input (REPA: null)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights of the checkpoint")
@@ -508,6 +537,8 @@ def main(argv=None):
         ]
     ).to(args.device)
     del encoder
+    # Huh et al. clamp both sides before the alignment metrics (not before the probe), when asked.
+    enc_compared = clamp_outliers(enc_feats, args.outlier_quantile) if args.outlier_quantile else enc_feats
     split = split_indices(len(indices), args.test_fraction, args.seed)
     train, test = split
     report = {
@@ -548,7 +579,7 @@ def main(argv=None):
         first = None  # one model in memory at a time
         if bool(settings.get("pixel_space", False)) != pixel_space:
             raise ValueError(f"{path} and {paths[0]} differ in pixel_space: analyse them separately")
-        report["checkpoints"].append(analyse_checkpoint(model, settings, path, items, enc_feats, split, args))
+        report["checkpoints"].append(analyse_checkpoint(model, settings, path, items, enc_compared, split, args))
         del model
     report["checkpoints"].sort(key=lambda c: -1 if c["step"] is None else c["step"])
     (out / "results.json").write_text(json.dumps(report, indent=1))

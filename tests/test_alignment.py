@@ -72,6 +72,16 @@ def test_cknna_matches_the_definition_written_as_loops(noise, topk):
     assert cknna(a, b, topk) == pytest.approx(cknna_by_loops(a, b, topk), abs=1e-6)
 
 
+def test_neighbours_in_chunks_are_the_brute_force_ones():
+    unit = torch.nn.functional.normalize(randn(30, 6, seed=17), dim=1)
+    kernel = (unit @ unit.T).fill_diagonal_(-2.0)
+    expected = kernel.argsort(dim=1, descending=True)[:, :4]
+    for chunk in (7, 30, 1000):  # several chunks, one exact chunk, one larger than N
+        indices, values = alignment.nearest_neighbours(unit, 4, chunk=chunk)
+        assert torch.equal(indices, expected)
+        torch.testing.assert_close(values, kernel.gather(1, expected))
+
+
 def test_cknna_closed_form_cases():
     a, b = randn(200, 32, seed=4), randn(200, 16, seed=5)
     correlated = a[:, :16] + 0.7 * b
@@ -94,10 +104,17 @@ def test_cknna_and_mutual_knn_refuse_bad_shapes_and_k():
     a = randn(10, 3)
     with pytest.raises(ValueError, match="topk must lie in 1..N-1 = 9"):
         cknna(a, a, topk=10)
-    with pytest.raises(ValueError, match="paired rows"):
+    with pytest.raises(ValueError, match="paired rows, got 10 and 9"):
         cknna(a, randn(9, 3))
     with pytest.raises(ValueError, match=r"\(N, D\) features"):
         mutual_knn(a[None], a[None])
+
+
+def test_outlier_clamp_is_the_mean_per_row_quantile():
+    rows = torch.arange(1.0, 21.0).repeat(2, 1)
+    rows[1, -1] = 1000.0  # one massive activation
+    clamped = alignment.clamp_outliers(rows, quantile=0.95)  # rank 19 of 20 in each row: 19 and 19
+    assert clamped.max() == 19.0 and torch.equal(clamped[:, :19], rows[:, :19])
 
 
 def two_clusters(members):
@@ -254,12 +271,14 @@ def test_cli_writes_results_and_plots(demo_data, tmp_path):
     out = tmp_path / "analysis"
     argv = ["--ckpt", *map(str, ckpts), "--data-dir", str(demo_data), "--enc-weights", "random", "--out", str(out)]
     argv += ["--t", "0.25", "0.75", "--num-images", "20", "--topk", "4", "--batch-size", "8", "--num-workers", "0"]
+    argv += ["--layers", "3", "1", "2", "--outlier-quantile", "0.95"]
     with pytest.warns(UserWarning, match="RANDOM ENCODER WEIGHTS"):
         alignment.main(argv)
 
     report = json.loads((out / "results.json").read_text())
     protocol = report["protocol"]
     assert protocol["enc_type"] == "dinov2-vit-s" and protocol["enc_resolution"] == 64  # 16 x the 4x4 token grid
+    assert protocol["outlier_quantile"] == 0.95 and protocol["labels"] == "null"
     assert protocol["num_images"] == 20 and protocol["probe"] == {
         "train_images": 16, "test_images": 4, "weight_decay": 1e-4, "max_iter": 100,
     }  # fmt: skip
