@@ -220,6 +220,11 @@ def train(cfg: TrainConfig):
         if is_main:
             tqdm.write(message)
 
+    if device.type == "cpu" and cfg.mixed_precision == "fp16":
+        # accelerate runs fp16 on the CPU as plain fp32 (no autocast, no loss scaler); say so, not silently.
+        warnings.warn(
+            "--mixed-precision fp16 has no effect on the CPU: this run trains in fp32. Use bf16 or no.", stacklevel=2
+        )
     if device.type == "cuda" and cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -253,3 +253,8 @@ def test_a_broken_local_vae_is_an_error_a_missing_hub_vae_turns_previews_off(tmp
         load_vae(str(tmp_path / "absent"))
     with pytest.raises(VAENotFoundError, match="cannot find the VAE 'stabilityai/sd-vae-ft-ema'"):
         load_vae("ema")  # offline in the tests (HF_HUB_OFFLINE=1), nothing cached
+
+
+def test_fp16_on_the_cpu_says_it_trains_in_fp32(demo_data, tmp_path):
+    with pytest.warns(UserWarning, match="fp16 has no effect on the CPU: this run trains in fp32"):
+        run_train(tiny_argv(demo_data, tmp_path, mixed_precision="fp16", max_train_steps=1, checkpointing_steps=1))

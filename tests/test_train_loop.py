@@ -281,9 +281,12 @@ def test_step_seed_depends_on_seed_rank_and_position():
 
 
 def test_every_draw_of_a_micro_step_comes_from_its_seed_and_data_position(demo_data, tmp_path, recorder):
-    # 2 micro-batches of 2 per optimizer step: positions 0, 2, 4, ... differ from step x batch.
+    # --batch-size 2 per micro-step (the official meaning) x 2 accumulation: positions 0, 2, 4, ... differ
+    # from step x batch.
     rec = recorder()
-    argv = tiny_argv(demo_data, tmp_path, gradient_accumulation_steps=2, max_train_steps=3, proj_coeff=0.7)
+    argv = tiny_argv(
+        demo_data, tmp_path, gradient_accumulation_steps=2, batch_size=2, max_train_steps=3, proj_coeff=0.7
+    )
     run(argv + ["--checkpointing-steps", "3"])
     assert len(rec.calls) == len(rec.batches) == 6 and len(rec.weights) == 3
     (encoder,) = rec.encoders
