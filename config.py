@@ -68,7 +68,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     max_train_steps: int = 400_000
     epochs: int = 1400  # official flag: passes over the data; training stops at this or max_train_steps
-    learning_rate: float = 1e-4  # constant
+    learning_rate: float = 1e-4  # constant after the warm-up
+    lr_warmup_steps: int = 0  # linear warm-up over this many optimizer steps (the paper: none)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 0.0
@@ -94,7 +95,14 @@ class TrainConfig:
                 raise ValueError(f"config key {key!r}: {getattr(self, key)!r} is not one of {allowed}")
         # Counts checked here, when the config is parsed, not as a ZeroDivisionError after the first step.
         positive = ("batch_size", "gradient_accumulation_steps", "log_every", "checkpointing_steps", "epochs")
-        non_negative = ("max_train_steps", "sampling_steps", "keep_last", "num_workers", "max_nonfinite_steps")
+        non_negative = (
+            "max_train_steps",
+            "sampling_steps",
+            "keep_last",
+            "num_workers",
+            "max_nonfinite_steps",
+            "lr_warmup_steps",
+        )
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ValueError(

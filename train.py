@@ -53,6 +53,13 @@ def step_seed(seed: int, rank: int, position: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + position * 65_537) % (2**63 - 1)
 
 
+def learning_rate_at(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warm-up, then constant (the paper's)."""
+    if cfg.lr_warmup_steps > 0:
+        return cfg.learning_rate * min(1.0, (step + 1) / cfg.lr_warmup_steps)
+    return cfg.learning_rate
+
+
 def sample_latents(x, cfg: TrainConfig):
     """Dataset `x` -> model input. Latent mode: x holds the posterior mean and std (N, 2C, h, w); draw a
     sample and scale it (0.18215 for the SD-VAE). Pixel mode: x already is the image in [-1, 1]."""
@@ -400,6 +407,8 @@ def train(cfg: TrainConfig):
                 if accelerator.sync_gradients:
                     if step_finite:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                        for group in optimizer.param_groups:  # a function of the step: resumes exactly
+                            group["lr"] = learning_rate_at(cfg, step)
                         optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
             if finite:

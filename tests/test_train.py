@@ -258,3 +258,9 @@ def test_a_broken_local_vae_is_an_error_a_missing_hub_vae_turns_previews_off(tmp
 def test_fp16_on_the_cpu_says_it_trains_in_fp32(demo_data, tmp_path):
     with pytest.warns(UserWarning, match="fp16 has no effect on the CPU: this run trains in fp32"):
         run_train(tiny_argv(demo_data, tmp_path, mixed_precision="fp16", max_train_steps=1, checkpointing_steps=1))
+
+
+def test_learning_rate_warms_up_linearly_then_stays(demo_data, tmp_path):
+    run_train(tiny_argv(demo_data, tmp_path, lr_warmup_steps=4, max_train_steps=5, learning_rate=1e-3))
+    stats = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    assert [s["lr"] for s in stats] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
