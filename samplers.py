@@ -4,6 +4,11 @@ Time runs from t=1 (noise) to t=0 (data) (convention in loss.py). The state is i
 the model sees it cast to the latents' dtype, as in the official code, and the result is returned in
 that dtype.
 
+The condition `y` is whatever the model takes third, `model(x, t, y)`: class labels (N,) for the SiT, text
+tokens (N, L, 768) for the MMDiT (models/mmdit.py). Guidance pairs it with the null condition, one per
+sample: the null class (by default the model's num_classes) or, for text, the empty caption's tokens
+(passed as `null_condition=`, the official T2I sampler's y_null).
+
 Classifier-free guidance acts on all channels and only while the current step's start time t_cur lies
 in [guidance_low, guidance_high]; there the model runs once on the batched (cond, null) pair, elsewhere
 once on the conditional batch alone. With REPA's best setting, cfg_scale=1.8 and [0, 0.7], the noisiest
@@ -27,6 +32,25 @@ def resolve_null_class(model, null_class):
     if not hasattr(module, "num_classes"):
         raise ValueError("cfg_scale > 1 needs the null class: pass null_class= or use a model with num_classes")
     return module.num_classes
+
+
+def null_condition_like(y, model, null_condition=None):
+    """The null condition broadcast to y's shape and dtype: `null_condition` if given (a class index, or a
+    text model's empty-caption tokens, (L, D) or (1, L, D)), else the (possibly DDP-wrapped) model's num_classes."""
+    if null_condition is None:
+        module = getattr(model, "module", model)
+        if not hasattr(module, "num_classes"):
+            raise ValueError(
+                "cfg_scale > 1 needs the null condition: pass null_condition= (the null class, or the empty "
+                "caption's tokens for a text-conditioned model) or use a model with num_classes"
+            )
+        null_condition = module.num_classes
+    null = torch.as_tensor(null_condition, dtype=y.dtype, device=y.device)
+    if null.ndim > y.ndim or any(n not in (1, m) for n, m in zip(reversed(null.shape), reversed(y.shape))):
+        raise ValueError(
+            f"null_condition of shape {tuple(null.shape)} does not broadcast to the condition's {tuple(y.shape)}"
+        )
+    return null.expand_as(y)
 
 
 def _velocity(model, x, t, y, y_null, cfg_scale, guided, dtype):
@@ -63,7 +87,7 @@ def euler_sampler(
     guidance_low=0.0,
     guidance_high=1.0,
     path_type="linear",  # the probability-flow ODE of a velocity model does not depend on the path
-    null_class=None,
+    null_condition=None,  # the null class or null text tokens for guidance; default: the model's num_classes
 ):
     """Probability-flow ODE dx/dt = v(x, t) on linspace(1, 0, num_steps + 1), Euler or Heun.
 
@@ -72,7 +96,7 @@ def euler_sampler(
     """
     Interpolant(path_type)  # validates the name
     dtype = latents.dtype
-    y_null = torch.full_like(y, resolve_null_class(model, null_class)) if cfg_scale > 1.0 else None
+    y_null = null_condition_like(y, model, null_condition) if cfg_scale > 1.0 else None
     t_steps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
     x = latents.to(torch.float64)
     for i in range(num_steps):
@@ -98,7 +122,7 @@ def euler_maruyama_sampler(
     guidance_low=0.0,
     guidance_high=1.0,
     path_type="linear",
-    null_class=None,
+    null_condition=None,
     generator=None,
 ):
     """Reverse SDE dx = [v - 1/2 w(t) score] dt + sqrt(w(t)) dW with w(t) = 2t (Euler-Maruyama).
@@ -110,7 +134,7 @@ def euler_maruyama_sampler(
     """
     interpolant = Interpolant(path_type)
     dtype = latents.dtype
-    y_null = torch.full_like(y, resolve_null_class(model, null_class)) if cfg_scale > 1.0 else None
+    y_null = null_condition_like(y, model, null_condition) if cfg_scale > 1.0 else None
     t_steps = torch.cat(
         [torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)]
     )
