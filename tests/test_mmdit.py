@@ -8,7 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from checkpoints import load_checkpoint, model_state_dict, save_checkpoint
-from loss import Interpolant
+from loss import Interpolant, REPALoss
 from models.mmdit import MMDIT_DEPTHS, MMDiT, MMDiT_models, mmdit_flops
 from samplers import euler_maruyama_sampler, euler_sampler
 
@@ -171,6 +171,16 @@ def test_trains_end_to_end(one_torch_thread):
     # Text reaches the loss through joint attention; the last text stream's qkv feeds the last attention.
     for name in ("context_embedder.weight", "joint_blocks.2.context_block.attn.qkv.weight", "projectors.1.4.weight"):
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
+
+
+def test_repa_loss_trains_it_with_text_as_the_condition(one_torch_thread):
+    # loss.py calls model(x_t, t, y): with the text tokens as y, the MMDiT trains through the same loss.
+    model = tiny_model().train()
+    x, context, targets = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 24), [torch.randn(2, 16, 16)]
+    terms = REPALoss()(model, x, context, targets, generator=torch.Generator().manual_seed(0))
+    assert terms.proj.abs() > 0  # the alignment term is computed from the projector
+    terms.total.backward()
+    assert model.context_embedder.weight.grad.abs().sum() > 0
 
 
 def test_no_projectors_for_vanilla_mmdit(one_torch_thread):
