@@ -1,0 +1,166 @@
+"""REPA variants: iREPA's projectors and spatial normalisation, REG's class token; official references."""
+
+import re
+
+import pytest
+import torch
+
+import sample_ddp
+from models.dit import DiT
+from models.sit import PROJECTOR_TYPES, SiT, projector_kwargs_from_state_dict, sit_flops
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# Keys of the official constructors that this SiT does not take (see tests/test_sit.py).
+OFFICIAL_ONLY_KEYS = ("path_type", "use_cfg", "decoder_hidden_size")
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=5)
+
+
+def reference(testdata, variant, **overrides):
+    """(reference entry, our SiT built from the official constructor config, official weights loaded strictly)."""
+    ref = torch.load(testdata / "variants_reference_tiny.pt", weights_only=True)[variant]
+    config = dict(ref["config"])
+    assert config.pop("decoder_hidden_size") == config["hidden_size"]
+    for key in OFFICIAL_ONLY_KEYS:
+        config.pop(key, None)
+    model = SiT(**config | overrides).eval()
+    model.load_state_dict(ref["state_dict"], strict=True)
+    return ref, model
+
+
+def irepa_mlp_layout(state_dict):
+    """REPA's MLP keys `projectors.K.N.*` as iREPA names them: `projectors.K.projection_layer.N.*`."""
+    return {re.sub(r"^(projectors\.\d+\.)", r"\1projection_layer.", k): v for k, v in state_dict.items()}
+
+
+def inputs(n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, 8, 8, generator=g), torch.rand(n, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+#################################################################################
+#                               iREPA projectors                                #
+#################################################################################
+
+
+@pytest.mark.parametrize("fused_attn", [True, False])
+def test_irepa_conv_projector_matches_official(testdata, fused_attn):
+    ref, model = reference(testdata, "irepa", fused_attn=fused_attn)
+    assert ref["config"]["projection_layer_type"] == "conv" and ref["config"]["proj_kwargs_kernel_size"] == 3
+    with torch.no_grad():
+        v, zs = model(ref["x"], ref["t"], ref["y"])
+    torch.testing.assert_close(v, ref["v"], rtol=1e-5, atol=1e-5)
+    assert [z.shape for z in zs] == [z.shape for z in ref["zs"]] == [(3, 16, 32), (3, 16, 48)]
+    for z, z_ref in zip(zs, ref["zs"]):
+        torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_projector_reads_the_token_grid_row_major(testdata):
+    """A transposed grid (tokens read column-major) gives other outputs: the layout is tested, not assumed."""
+    ref, model = reference(testdata, "irepa")
+    conv = model.projectors[0].projection_layer
+    hidden = torch.randn(2, 16, 64)
+    grid = hidden.transpose(1, 2).reshape(2, 64, 4, 4)  # token i*4+j at row i, column j
+    expected = torch.nn.functional.conv2d(grid, conv.weight, conv.bias, padding=1).flatten(2).transpose(1, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model.projectors[0](hidden), expected)
+        wrong = torch.nn.functional.conv2d(grid.transpose(2, 3), conv.weight, conv.bias, padding=1)
+        assert (model.projectors[0](hidden) - wrong.flatten(2).transpose(1, 2)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5, 7])
+def test_conv_projector_keeps_the_grid_and_kernel_1_is_a_linear_map(kernel):
+    torch.manual_seed(0)
+    model = SiT(**TINY, z_dims=[6], encoder_depth=1, projection_layer_type="conv", proj_kwargs_kernel_size=kernel)
+    assert model.projectors[0].projection_layer.weight.shape == (6, 32, kernel, kernel)
+    hidden = torch.randn(2, 16, 32)
+    out = model.projectors[0](hidden)
+    assert out.shape == (2, 16, 6)
+    if kernel == 1:
+        conv = model.projectors[0].projection_layer
+        torch.testing.assert_close(out, hidden @ conv.weight[:, :, 0, 0].T + conv.bias)
+
+
+def test_projector_key_layouts():
+    """REPA's MLP keeps the official REPA keys; iREPA's linear and conv use iREPA's `projection_layer`."""
+    keys = {}
+    for kind in PROJECTOR_TYPES:
+        model = SiT(**TINY, z_dims=[6], encoder_depth=1, projector_dim=16, projection_layer_type=kind)
+        keys[kind] = sorted(k for k in model.state_dict() if k.startswith("projectors."))
+    assert keys["mlp"] == [f"projectors.0.{i}.{p}" for i in (0, 2, 4) for p in ("bias", "weight")]
+    assert (
+        keys["linear"] == keys["conv"] == ["projectors.0.projection_layer.bias", "projectors.0.projection_layer.weight"]
+    )
+
+
+def test_irepa_mlp_layout_loads_strictly_into_the_repa_layout():
+    torch.manual_seed(0)
+    model = SiT(**TINY, z_dims=[6, 7], encoder_depth=1, projector_dim=16).eval()
+    renamed = irepa_mlp_layout(model.state_dict())
+    assert "projectors.1.projection_layer.4.weight" in renamed
+    other = SiT(**TINY, z_dims=[6, 7], encoder_depth=1, projector_dim=16).eval()
+    other.load_state_dict(renamed, strict=True)
+    x, t, y = inputs()
+    with torch.no_grad():
+        for a, b in zip(model(x, t, y)[1], other(x, t, y)[1]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # The renaming is the MLP's only: a conv model refuses MLP keys in either layout.
+    with pytest.raises(RuntimeError, match="projection_layer"):
+        SiT(**TINY, z_dims=[6, 7], encoder_depth=1, projection_layer_type="conv").load_state_dict(renamed)
+
+
+@pytest.mark.parametrize(
+    "kind, kernel, expected",
+    [
+        ("mlp", 1, {"z_dims": [6, 7], "projector_dim": 16, "projection_layer_type": "mlp"}),
+        ("linear", 1, {"z_dims": [6, 7], "projection_layer_type": "linear"}),
+        ("conv", 5, {"z_dims": [6, 7], "projection_layer_type": "conv", "proj_kwargs_kernel_size": 5}),
+    ],
+)
+def test_projector_kwargs_read_back_from_each_layout(kind, kernel, expected):
+    built = dict(z_dims=[6, 7], encoder_depth=1, projector_dim=16, projection_layer_type=kind)
+    state_dict = SiT(**TINY, **built, proj_kwargs_kernel_size=kernel).state_dict()
+    kwargs = projector_kwargs_from_state_dict(state_dict)
+    assert kwargs == expected
+    SiT(**TINY, encoder_depth=1, **kwargs).load_state_dict(state_dict, strict=True)
+    if kind == "mlp":  # iREPA's MLP keys read back the same
+        assert projector_kwargs_from_state_dict(irepa_mlp_layout(state_dict)) == expected
+    assert projector_kwargs_from_state_dict(SiT(**TINY, z_dims=[]).state_dict()) == {"z_dims": []}
+
+
+def test_official_irepa_weights_rebuild_from_the_state_dict_alone(testdata):
+    """sample_ddp's path for files without recorded constructor keywords."""
+    ref, _ = reference(testdata, "irepa")
+    kwargs = sample_ddp.sit_kwargs_from_state_dict(ref["state_dict"])
+    assert kwargs["projection_layer_type"] == "conv" and kwargs["proj_kwargs_kernel_size"] == 3
+    assert kwargs["z_dims"] == [32, 48]
+    model = SiT(**kwargs, num_heads=ref["config"]["num_heads"], encoder_depth=2).eval()
+    model.load_state_dict(ref["state_dict"], strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ref["x"], ref["t"], ref["y"])[0], ref["v"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(projection_layer_type="attention"), "unknown projection_layer_type"),
+        (dict(projection_layer_type="conv", proj_kwargs_kernel_size=4), "odd"),
+    ],
+)
+def test_bad_projectors_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SiT(**TINY, z_dims=[6], encoder_depth=1, **kwargs)
+
+
+def test_flops_count_the_projector_type():
+    base = dict(**TINY, z_dims=[6], encoder_depth=1)
+    vanilla = sit_flops(SiT(**TINY, z_dims=[]))
+    tokens = 16
+    for kind, kernel, macs in [("linear", 1, 32 * 6), ("conv", 3, 9 * 32 * 6)]:
+        model = SiT(**base, projection_layer_type=kind, proj_kwargs_kernel_size=kernel)
+        assert sit_flops(model) - vanilla == 2 * tokens * macs
+
+
+def test_dit_takes_the_projector_keywords():
+    model = DiT(**TINY, z_dims=[6], encoder_depth=1, projection_layer_type="conv", proj_kwargs_kernel_size=3)
+    assert model.projectors[0].projection_layer.kernel_size == (3, 3)
