@@ -290,6 +290,8 @@ def train(cfg: TrainConfig):
         projector_dim=cfg.projector_dim,
         qk_norm=cfg.qk_norm,
         fused_attn=cfg.fused_attn,
+        projection_layer_type=cfg.projection_layer_type,
+        proj_kwargs_kernel_size=cfg.proj_kwargs_kernel_size,
     )
     model = MODELS[cfg.model](**model_kwargs).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -357,10 +359,17 @@ def train(cfg: TrainConfig):
         persistent_workers=cfg.num_workers > 0,
     )
     if is_dit:
+        if cfg.spnorm_method != "none":
+            raise ValueError(f"--spnorm-method {cfg.spnorm_method} is implemented for SiT models only")
         loss_fn = DiffusionLoss(proj_coeff=cfg.proj_coeff)
     else:
         loss_fn = REPALoss(
-            path_type=cfg.path_type, prediction=cfg.prediction, weighting=cfg.weighting, proj_coeff=cfg.proj_coeff
+            path_type=cfg.path_type,
+            prediction=cfg.prediction,
+            weighting=cfg.weighting,
+            proj_coeff=cfg.proj_coeff,
+            spnorm_method=cfg.spnorm_method,
+            zscore_alpha=cfg.zscore_alpha,
         )
     autocast = accelerator.autocast  # encoders run in the training precision too
     cache = TargetCache(encoders) if cfg.cache_targets and encoders else None

@@ -6,6 +6,9 @@ import pytest
 import torch
 
 import sample_ddp
+from checkpoints import load_checkpoint
+from config import parse_config
+from loss import REPALoss, alignment_loss, spatial_zscore
 from models.dit import DiT
 from models.sit import PROJECTOR_TYPES, SiT, projector_kwargs_from_state_dict, sit_flops
 
@@ -164,3 +167,83 @@ def test_flops_count_the_projector_type():
 def test_dit_takes_the_projector_keywords():
     model = DiT(**TINY, z_dims=[6], encoder_depth=1, projection_layer_type="conv", proj_kwargs_kernel_size=3)
     assert model.projectors[0].projection_layer.kernel_size == (3, 3)
+
+
+#################################################################################
+#                      iREPA spatial normalisation, config, training            #
+#################################################################################
+
+
+@pytest.mark.parametrize("alpha", [0.6, 1.0])
+def test_spatial_zscore_matches_official(testdata, alpha):
+    ref = torch.load(testdata / "variants_reference_tiny.pt", weights_only=True)["irepa"]
+    out = spatial_zscore(ref["feat"], alpha=alpha)
+    torch.testing.assert_close(out, ref["zscore"][alpha], rtol=1e-5, atol=1e-5)
+    assert (ref["zscore"][0.6] - ref["zscore"][1.0]).abs().max() > 1e-2  # alpha matters
+
+
+def test_spatial_zscore_standardises_each_channel_over_space():
+    feat = torch.randn(2, 16, 5) * torch.rand(1, 1, 5) * 3 + torch.randn(1, 1, 5)
+    out = spatial_zscore(feat)
+    torch.testing.assert_close(out.mean(dim=1), torch.zeros(2, 5), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.std(dim=1), torch.ones(2, 5), rtol=0, atol=1e-5)
+    # alpha < 1 keeps that fraction of the mean: the mean of the output is (1 - alpha) mean / std.
+    partial = spatial_zscore(feat, alpha=0.6)
+    expected = 0.4 * feat.mean(dim=1) / (feat.std(dim=1) + 1e-6)
+    torch.testing.assert_close(partial.mean(dim=1), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_repa_loss_aligns_with_the_normalised_targets():
+    torch.manual_seed(0)
+    model = SiT(**TINY, z_dims=[6], encoder_depth=1, projection_layer_type="conv", proj_kwargs_kernel_size=3)
+    x, _, y = inputs()
+    targets = [torch.randn(2, 16, 6) + 2.0]  # a shared offset, which the z-score removes
+    terms = {}
+    for method in ("none", "zscore"):
+        loss = REPALoss(spnorm_method=method, zscore_alpha=0.6)
+        terms[method] = loss(model, x, y, targets, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        t = torch.rand(2, generator=g)
+        noise = torch.randn(x.shape, generator=g)
+        zs = model((1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise, t, y)[1]
+    torch.testing.assert_close(terms["none"].proj, alignment_loss(zs, targets))
+    torch.testing.assert_close(terms["zscore"].proj, alignment_loss(zs, [spatial_zscore(targets[0], alpha=0.6)]))
+    assert abs(terms["none"].proj - terms["zscore"].proj) > 1e-3
+    with pytest.raises(ValueError, match="spnorm_method"):
+        REPALoss(spnorm_method="layernorm")
+
+
+def test_irepa_flags_parse_with_irepa_defaults():
+    default = parse_config([])
+    assert (default.projection_layer_type, default.proj_kwargs_kernel_size) == ("mlp", 1)
+    assert (default.spnorm_method, default.zscore_alpha) == ("none", 0.6)
+    argv = ["--projection-layer-type", "conv", "--proj-kwargs-kernel-size", "3", "--spnorm-method", "zscore"]
+    cfg = parse_config(argv + ["--zscore-alpha", "0.8"])
+    assert (cfg.projection_layer_type, cfg.proj_kwargs_kernel_size, cfg.spnorm_method) == ("conv", 3, "zscore")
+    assert cfg.zscore_alpha == 0.8
+    for bad, message in [("--proj-kwargs-kernel-size=4", "proj_kwargs_kernel_size"),
+                         ("--projection-layer-type=attention", "projection_layer_type"),
+                         ("--spnorm-method=layernorm", "spnorm_method")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            parse_config([bad])
+
+
+def test_irepa_training_run_and_its_checkpoint_samples(demo_data, tmp_path):
+    from tests.test_train import run_train, tiny_argv
+
+    argv = tiny_argv(demo_data, tmp_path, max_train_steps=2, checkpointing_steps=1)
+    argv += ["--projection-layer-type", "conv", "--proj-kwargs-kernel-size", "3", "--spnorm-method", "zscore"]
+    run_train(argv)
+    first, path = (tmp_path / "run" / "checkpoints" / f"000000{i}.pt" for i in (1, 2))
+    ckpt = load_checkpoint(path)
+    assert ckpt["model_kwargs"]["projection_layer_type"] == "conv"
+    assert ckpt["model_kwargs"]["proj_kwargs_kernel_size"] == 3
+    assert ckpt["config"]["spnorm_method"] == "zscore" and ckpt["args"].spnorm_method == "zscore"
+    key = "projectors.0.projection_layer.weight"
+    assert ckpt["model"][key].shape == (384, 64, 3, 3)  # dinov2-vit-s targets, hidden 64
+    # The conv projector trains: the alignment gradient reaches it.
+    assert not torch.equal(ckpt["model"][key], load_checkpoint(first)["model"][key])
+    model, settings = sample_ddp.load_model(path)
+    assert model.projection_layer_type == "conv" and settings["model"] == "SiT-S/8"
+    torch.testing.assert_close(model.state_dict()[key], ckpt["ema"][key], rtol=0, atol=0)
