@@ -193,17 +193,26 @@ class SiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN-modulated LayerNorm then a linear map from tokens to patches of the output channels."""
+    """adaLN-modulated LayerNorm then a linear map from tokens to patches of the output channels.
 
-    def __init__(self, hidden_size, patch_size, out_channels):
+    With `cls_token_dim` (REG) a second head `linear_cls` maps the class token (sequence position 0) to the
+    velocity of the encoder's class token; both heads share the norm and modulation, as in REG.
+    """
+
+    def __init__(self, hidden_size, patch_size, out_channels, cls_token_dim=None):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.linear_cls = nn.Linear(hidden_size, cls_token_dim) if cls_token_dim else None
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x, c):
+        """(N, T, D) -> (N, T, p*p*C); with the class head, (N, 1+T, D) -> ((N, T, p*p*C), (N, cls_token_dim))."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        x = modulate(self.norm_final(x), shift, scale)
+        if self.linear_cls is None:
+            return self.linear(x)
+        return self.linear(x[:, 1:]), self.linear_cls(x[:, 0])
 
 
 # Projector types: REPA's MLP, and iREPA's (Singh et al., "What matters for representation alignment",
@@ -319,6 +328,7 @@ class SiT(nn.Module):
         out_channels=None,  # channels of the prediction; None = in_channels (DiT passes 2x for learned sigma)
         projection_layer_type="mlp",  # iREPA's keyword: mlp (REPA) | linear | conv
         proj_kwargs_kernel_size=1,  # iREPA's keyword: conv kernel over the token grid (1, 3, 5, 7; iREPA runs 3)
+        cls_token_dim=None,  # REG: width of the encoder's class token entangled with the image tokens; None = off
     ):
         super().__init__()
         if input_size % patch_size:
@@ -329,6 +339,8 @@ class SiT(nn.Module):
             raise ValueError(
                 f"unknown projection_layer_type {projection_layer_type!r}; choose one of {PROJECTOR_TYPES}"
             )
+        if cls_token_dim and projection_layer_type == "conv":
+            raise ValueError("a conv projector needs a square token grid; REG's class token makes it 1 + grid**2")
         self.input_size = input_size
         self.in_channels = in_channels
         self.out_channels = in_channels if out_channels is None else out_channels
@@ -337,6 +349,7 @@ class SiT(nn.Module):
         self.num_classes = num_classes
         self.z_dims = list(z_dims)
         self.encoder_depth = encoder_depth
+        self.cls_token_dim = cls_token_dim or None
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -344,7 +357,13 @@ class SiT(nn.Module):
         # Fixed 2D sin-cos position embedding (not trained).
         grid = input_size // patch_size
         pos_embed = torch.tensor(get_2d_sincos_pos_embed(hidden_size, grid), dtype=torch.float32).unsqueeze(0)
-        self.register_buffer("pos_embed", pos_embed)  # (1, T, D)
+        if self.cls_token_dim:
+            # REG: the class token is sequence position 0 with a row of zeros (REG's extra-token layout).
+            pos_embed = torch.cat([torch.zeros_like(pos_embed[:, :1]), pos_embed], dim=1)
+            # REG's names: the class token (N, cls_token_dim) -> Linear -> affine LayerNorm -> one more token.
+            self.cls_projectors2 = nn.Linear(self.cls_token_dim, hidden_size)
+            self.wg_norm = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.register_buffer("pos_embed", pos_embed)  # (1, T, D), T + 1 rows with REG's class token
 
         self.blocks = nn.ModuleList(
             [
@@ -361,7 +380,7 @@ class SiT(nn.Module):
         )
         if projection_layer_type == "mlp":
             self.register_load_state_dict_pre_hook(_accept_irepa_mlp_keys)
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, self.cls_token_dim)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -390,6 +409,9 @@ class SiT(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        if self.final_layer.linear_cls is not None:  # REG: the class-token velocity starts at 0 too
+            nn.init.zeros_(self.final_layer.linear_cls.weight)
+            nn.init.zeros_(self.final_layer.linear_cls.bias)
 
     def unpatchify(self, x):
         """(N, T, p*p*C) -> (N, C, H, W)."""
@@ -399,7 +421,7 @@ class SiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def _check_input(self, x, t, y):
+    def _check_input(self, x, t, y, cls_token):
         expected = (self.in_channels, self.input_size, self.input_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(
@@ -407,15 +429,30 @@ class SiT(nn.Module):
             )
         if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
             raise ValueError(f"t and y must have shape ({x.shape[0]},), got {tuple(t.shape)} and {tuple(y.shape)}")
+        if self.cls_token_dim is None and cls_token is not None:
+            raise ValueError("cls_token given, but this model was built without cls_token_dim (REG)")
+        if self.cls_token_dim is not None:
+            if cls_token is None:
+                raise ValueError(f"this REG model (cls_token_dim={self.cls_token_dim}) needs cls_token=")
+            if cls_token.shape != (x.shape[0], self.cls_token_dim):
+                raise ValueError(
+                    f"cls_token must have shape ({x.shape[0]}, {self.cls_token_dim}), got {tuple(cls_token.shape)}"
+                )
 
-    def forward(self, x, t, y, force_drop_ids=None):
+    def forward(self, x, t, y, force_drop_ids=None, cls_token=None):
         """x: (N, C, H, W) noisy latents; t: (N,) times in [0, 1]; y: (N,) labels (num_classes = null).
 
         Returns the velocity (N, out_channels, H, W) and a list with one (N, T, z_dim) tensor per projector.
+        REG models (built with cls_token_dim) take the noisy class token cls_token (N, cls_token_dim), run it
+        as sequence position 0 and return (velocity, zs, class-token velocity (N, cls_token_dim)); their zs
+        hold 1 + T tokens, the class token first, as REG aligns [class token; patch tokens].
         """
-        self._check_input(x, t, y)
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
-        N, T, D = x.shape
+        self._check_input(x, t, y, cls_token)
+        x = self.x_embedder(x)  # (N, T, D)
+        if self.cls_token_dim:
+            cls = self.wg_norm(self.cls_projectors2(cls_token.to(x.dtype)))  # (N, D)
+            x = torch.cat([cls.unsqueeze(1), x], dim=1)  # (N, 1+T, D)
+        x = x + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
 
         zs = []
@@ -423,6 +460,9 @@ class SiT(nn.Module):
             x = block(x, c)  # (N, T, D)
             if i + 1 == self.encoder_depth:
                 zs = [projector(x) for projector in self.projectors]  # each (N, T, z_dim)
+        if self.cls_token_dim:
+            x, cls_v = self.final_layer(x, c)  # (N, T, p*p*C), (N, cls_token_dim)
+            return self.unpatchify(x), zs, cls_v
         x = self.final_layer(x, c)  # (N, T, p*p*C)
         return self.unpatchify(x), zs
 
@@ -480,16 +520,19 @@ def sit_flops(model: SiT) -> float:
     final layer; ignores norms, activations and embeddings of t and y (<0.1%).
     """
     D = model.pos_embed.shape[-1]
-    T = model.pos_embed.shape[1]
+    T = model.pos_embed.shape[1]  # the sequence: patches (+ REG's class token)
+    patches = model.x_embedder.num_patches
     p, C, C_out = model.patch_size, model.in_channels, model.out_channels
     hidden_mlp = model.blocks[0].mlp.fc1.out_features if len(model.blocks) else 0
     per_block = T * (3 * D * D + 2 * T * D + D * D + 2 * D * hidden_mlp) + 6 * D * D
-    macs = T * p * p * C * D + len(model.blocks) * per_block
+    macs = patches * p * p * C * D + len(model.blocks) * per_block
     for proj in model.projectors:
         for layer in proj.modules():
             if isinstance(layer, nn.Linear):
                 macs += T * layer.in_features * layer.out_features
             elif isinstance(layer, nn.Conv2d):  # iREPA's conv projector: k*k*D MACs per output channel and token
                 macs += T * layer.weight[0].numel() * layer.out_channels
-    macs += T * D * p * p * C_out + 2 * D * D
+    macs += patches * D * p * p * C_out + 2 * D * D
+    if model.cls_token_dim:  # REG's class-token input and output maps
+        macs += 2 * model.cls_token_dim * D
     return 2.0 * macs

@@ -247,3 +247,71 @@ def test_irepa_training_run_and_its_checkpoint_samples(demo_data, tmp_path):
     model, settings = sample_ddp.load_model(path)
     assert model.projection_layer_type == "conv" and settings["model"] == "SiT-S/8"
     torch.testing.assert_close(model.state_dict()[key], ckpt["ema"][key], rtol=0, atol=0)
+
+
+#################################################################################
+#                           REG: the entangled class token                      #
+#################################################################################
+
+
+@pytest.mark.parametrize("fused_attn", [True, False])
+def test_reg_forward_matches_official(testdata, fused_attn):
+    ref, model = reference(testdata, "reg", fused_attn=fused_attn)
+    with torch.no_grad():
+        v, zs, cls_v = model(ref["x"], ref["t"], ref["y"], cls_token=ref["cls_token"])
+    torch.testing.assert_close(v, ref["v"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cls_v, ref["cls_v"], rtol=1e-5, atol=1e-5)
+    assert len(zs) == 1 and zs[0].shape == (3, 17, 32)  # [class token; 16 patch tokens]
+    torch.testing.assert_close(zs[0], ref["zs"][0], rtol=1e-5, atol=1e-5)
+    # The class token is entangled: another class token changes the image velocity.
+    with torch.no_grad():
+        v_other = model(ref["x"], ref["t"], ref["y"], cls_token=ref["cls_token"].flip(0))[0]
+    assert (v - v_other).abs().max() > 1e-3
+
+
+def test_reg_layout_keys_and_position_row():
+    torch.manual_seed(0)
+    model = SiT(**TINY, z_dims=[6], encoder_depth=1, projector_dim=16, cls_token_dim=6)
+    plain = SiT(**TINY, z_dims=[6], encoder_depth=1, projector_dim=16)
+    extra = sorted(set(model.state_dict()) - set(plain.state_dict()))
+    assert extra == sorted(
+        ["cls_projectors2.weight", "cls_projectors2.bias", "wg_norm.weight", "wg_norm.bias"]
+        + ["final_layer.linear_cls.weight", "final_layer.linear_cls.bias"]
+    )
+    assert model.state_dict()["final_layer.linear_cls.weight"].shape == (6, 32)
+    # The class token's position row is zero; the patch rows are the plain SiT's sin-cos rows.
+    assert model.pos_embed.shape == (1, 17, 32) and not model.pos_embed[0, 0].any()
+    torch.testing.assert_close(model.pos_embed[:, 1:], plain.pos_embed, rtol=0, atol=0)
+    # At initialisation both velocities are zero (zeroed heads and modulation).
+    x, t, y = inputs()
+    with torch.no_grad():
+        v, zs, cls_v = model(x, t, y, cls_token=torch.randn(2, 6))
+    assert not v.any() and not cls_v.any() and zs[0].shape == (2, 17, 6)
+
+
+@pytest.mark.parametrize(
+    "build, call, message",
+    [
+        (dict(cls_token_dim=6), dict(), "needs cls_token"),
+        (dict(cls_token_dim=6), dict(cls_token=torch.zeros(2, 5)), "cls_token must have shape"),
+        (dict(), dict(cls_token=torch.zeros(2, 6)), "without cls_token_dim"),
+    ],
+)
+def test_reg_inputs_are_checked(build, call, message):
+    model = SiT(**TINY, z_dims=[6], encoder_depth=1, projector_dim=16, **build)
+    with pytest.raises(ValueError, match=message):
+        model(*inputs(), **call)
+
+
+def test_reg_refuses_a_conv_projector():
+    with pytest.raises(ValueError, match="square token grid"):
+        SiT(**TINY, z_dims=[6], encoder_depth=1, cls_token_dim=6, projection_layer_type="conv")
+
+
+def test_reg_flops_add_one_token():
+    base = TINY | dict(z_dims=[], depth=1)
+    plain, reg = sit_flops(SiT(**base)), sit_flops(SiT(**base, cls_token_dim=6))
+    D, T, hidden_mlp = 32, 16, 128
+    one_token = 3 * D * D + D * D + 2 * D * hidden_mlp  # qkv, proj, MLP for the extra token
+    attention = 2 * ((T + 1) ** 2 - T**2) * D  # scores and weighted values grow with (T+1)^2
+    assert reg - plain == 2 * (one_token + attention + 2 * 6 * D)
