@@ -53,6 +53,8 @@ class TrainConfig:
     proj_kwargs_kernel_size: int = 1  # conv kernel, 1 | 3 | 5 | 7 (iREPA: 3)
     spnorm_method: str = "none"  # none | zscore: spatial z-score of the encoder targets (iREPA: zscore)
     zscore_alpha: float = 0.6  # fraction of the spatial mean the z-score removes (iREPA's default)
+    # --- REG (Wu et al. 2025): the model exists (SiT cls_token_dim), its training loss does not yet ---------
+    cls: float = 0.0  # REG's --cls, weight of the class-token velocity loss (REG: 0.03); > 0 is refused for now
     # --- objective -----------------------------------------------------------------------------------
     path_type: str = "linear"  # linear | cosine
     prediction: str = "v"

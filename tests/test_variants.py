@@ -1,16 +1,17 @@
 """REPA variants: iREPA's projectors and spatial normalisation, REG's class token; official references."""
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 import sample_ddp
 from checkpoints import load_checkpoint
-from config import parse_config
+from config import load_yaml_config, parse_config
 from loss import REPALoss, alignment_loss, spatial_zscore
 from models.dit import DiT
-from models.sit import PROJECTOR_TYPES, SiT, projector_kwargs_from_state_dict, sit_flops
+from models.sit import PROJECTOR_TYPES, SiT, SiT_models, projector_kwargs_from_state_dict, sit_flops
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -315,3 +316,32 @@ def test_reg_flops_add_one_token():
     one_token = 3 * D * D + D * D + 2 * D * hidden_mlp  # qkv, proj, MLP for the extra token
     attention = 2 * ((T + 1) ** 2 - T**2) * D  # scores and weighted values grow with (T+1)^2
     assert reg - plain == 2 * (one_token + attention + 2 * 6 * D)
+
+
+#################################################################################
+#                            configs/variants/                                  #
+#################################################################################
+
+VARIANTS = Path(__file__).resolve().parents[1] / "configs" / "variants"
+
+
+@pytest.mark.parametrize("name", ["irepa-sit-b-2_dinov2-b.yaml", "irepa-sit-xl-2_dinov2-b.yaml"])
+def test_irepa_configs_build_their_projector(name):
+    cfg = load_yaml_config(VARIANTS / name)
+    assert (cfg.projection_layer_type, cfg.proj_kwargs_kernel_size, cfg.spnorm_method) == ("conv", 3, "zscore")
+    with torch.device("meta"):
+        model = SiT_models[cfg.model](
+            z_dims=[768],
+            encoder_depth=cfg.encoder_depth,
+            projection_layer_type=cfg.projection_layer_type,
+            proj_kwargs_kernel_size=cfg.proj_kwargs_kernel_size,
+        )
+    assert model.projectors[0].projection_layer.weight.shape[-2:] == (3, 3)
+
+
+def test_reg_config_is_refused_until_reg_trains():
+    import train
+
+    assert load_yaml_config(VARIANTS / "reg-sit-xl-2_dinov2-b.yaml").cls == 0.03
+    with pytest.raises(NotImplementedError, match="REG"):
+        train.main(["--config", str(VARIANTS / "reg-sit-xl-2_dinov2-b.yaml")])
