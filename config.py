@@ -48,6 +48,13 @@ class TrainConfig:
     enc_weights: str = "pretrained"  # pretrained | random (random checks the pipeline, not the method)
     proj_coeff: float = 0.5  # lambda; 0 trains a vanilla SiT
     cache_targets: bool = False  # keep encoder tokens per item in memory (small datasets only, e.g. the demo)
+    # --- iREPA (Singh et al. 2025; defaults are REPA's, as in iREPA's own train.py) --------------------
+    projection_layer_type: str = "mlp"  # mlp (REPA) | linear | conv (a conv over the token grid; iREPA: conv)
+    proj_kwargs_kernel_size: int = 1  # conv kernel, 1 | 3 | 5 | 7 (iREPA: 3)
+    spnorm_method: str = "none"  # none | zscore: spatial z-score of the encoder targets (iREPA: zscore)
+    zscore_alpha: float = 0.6  # fraction of the spatial mean the z-score removes (iREPA's default)
+    # --- REG (Wu et al. 2025): the model exists (SiT cls_token_dim), its training loss does not yet ---------
+    cls: float = 0.0  # REG's --cls, weight of the class-token velocity loss (REG: 0.03); > 0 is refused for now
     # --- objective -----------------------------------------------------------------------------------
     path_type: str = "linear"  # linear | cosine
     prediction: str = "v"
@@ -88,6 +95,8 @@ class TrainConfig:
             "prediction": ("v",),
             "weighting": ("uniform", "lognormal"),
             "enc_weights": ("pretrained", "random"),
+            "projection_layer_type": ("mlp", "linear", "conv"),
+            "spnorm_method": ("none", "zscore"),
             "mixed_precision": ("no", "fp16", "bf16"),
         }
         for key, allowed in choices.items():
@@ -120,6 +129,10 @@ class TrainConfig:
             )
         if not 0 <= self.ema_decay <= 1:
             raise ValueError(f"config key 'ema_decay': {self.ema_decay} must lie in [0, 1]")
+        if self.proj_kwargs_kernel_size not in (1, 3, 5, 7):  # iREPA's choices: odd, so the grid keeps its size
+            raise ValueError(
+                f"config key 'proj_kwargs_kernel_size': {self.proj_kwargs_kernel_size} is not 1, 3, 5 or 7"
+            )
         if not 0 <= self.cfg_prob < 1:
             raise ValueError(f"config key 'cfg_prob': {self.cfg_prob} must lie in [0, 1)")
 

@@ -7,7 +7,8 @@ and the network predicts the velocity  v = d x_t / dt = alpha'(t) * x + sigma'(t
 The objective (REPA, Eq. 8) is
     L = E ||v_theta(x_t, t, y) - v||^2  +  lambda * E[ -1/T sum_n cos(h_phi(h_t^[n]), y_*^[n]) ],
 the second term aligning each projected token of the SiT with the frozen encoder's token of the clean
-image. Both terms are returned separately so training can log them.
+image. Both terms are returned separately so training can log them. iREPA's spatial normalisation of the
+targets (`spnorm_method="zscore"`, see spatial_zscore) is a keyword of REPALoss, off by default.
 """
 
 import math
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 PATH_TYPES = ("linear", "cosine")
 WEIGHTINGS = ("uniform", "lognormal")
+SPNORM_METHODS = ("none", "zscore")  # iREPA's spatial normalisations of the encoder targets
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,19 @@ def alignment_loss(zs_pred, zs_target):
     return torch.stack(losses).mean()
 
 
+def spatial_zscore(feat, alpha=1.0, eps=1e-6):
+    """iREPA's spatial normalisation: (N, T, D) tokens standardised over the T spatial positions, per channel.
+
+    Each channel loses alpha times its mean over the image's tokens and is divided by its (unbiased) standard
+    deviation over them, plus eps. Removing the component all tokens share raises the spatial contrast of
+    the target (tokens of one region stay similar, unrelated regions stop looking alike), which iREPA finds
+    is what the alignment should transfer. alpha=1 is a full z-score; iREPA trains with alpha 0.6.
+    """
+    mean = feat.mean(dim=1, keepdim=True)  # (N, 1, D)
+    std = feat.std(dim=1, keepdim=True)  # (N, 1, D), unbiased as in iREPA
+    return (feat - alpha * mean) / (std + eps)
+
+
 @dataclass
 class LossTerms:
     denoising: torch.Tensor  # (N,) per-sample mean squared velocity error
@@ -114,10 +129,14 @@ class REPALoss:
     weighting: str = "uniform"
     proj_coeff: float = 0.5  # lambda in the paper
     prediction: str = "v"
+    spnorm_method: str = "none"  # iREPA: "zscore" normalises the encoder targets over space (spatial_zscore)
+    zscore_alpha: float = 0.6  # iREPA's default: the fraction of the spatial mean removed
 
     def __post_init__(self):
         if self.prediction != "v":
             raise ValueError(f"prediction {self.prediction!r} is not supported; REPA predicts the velocity ('v')")
+        if self.spnorm_method not in SPNORM_METHODS:
+            raise ValueError(f"unknown spnorm_method {self.spnorm_method!r}; choose one of {SPNORM_METHODS}")
         self.interpolant = Interpolant(self.path_type)
         sample_time(1, self.weighting, self.path_type)  # validates weighting early
 
@@ -129,7 +148,13 @@ class REPALoss:
         v_pred, zs_pred = model(x_t, t, y)
         denoising = (v_pred.float() - v_target.float()).pow(2).mean(dim=(1, 2, 3))
         if zs_target and self.proj_coeff != 0:
-            proj = alignment_loss(zs_pred, zs_target)
+            proj = alignment_loss(zs_pred, self.normalize_targets(zs_target))
         else:
             proj = torch.zeros((), device=x.device)
         return LossTerms(denoising=denoising, proj=proj, total=denoising.mean() + self.proj_coeff * proj)
+
+    def normalize_targets(self, zs_target):
+        """The encoder targets as the alignment sees them: as given, or spatially z-scored (iREPA), in float32."""
+        if self.spnorm_method == "none":
+            return zs_target
+        return [spatial_zscore(z.float(), alpha=self.zscore_alpha) for z in zs_target]

@@ -41,6 +41,8 @@ class DiT(SiT):
         projector_dim=2048,
         qk_norm=False,
         fused_attn=True,  # official flag: False computes attention explicitly (same output, slower)
+        projection_layer_type="mlp",  # iREPA: mlp (REPA) | linear | conv
+        proj_kwargs_kernel_size=1,  # iREPA: conv kernel over the token grid
     ):
         super().__init__(
             input_size=input_size,
@@ -57,6 +59,8 @@ class DiT(SiT):
             projector_dim=projector_dim,
             qk_norm=qk_norm,
             fused_attn=fused_attn,
+            projection_layer_type=projection_layer_type,
+            proj_kwargs_kernel_size=proj_kwargs_kernel_size,
             out_channels=2 * in_channels if learn_sigma else in_channels,
         )
         self.learn_sigma = learn_sigma

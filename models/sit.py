@@ -3,7 +3,8 @@
 A SiT is a DiT-architecture transformer (adaLN-Zero blocks over patch tokens of a latent image) that
 predicts the velocity of a flow-matching interpolant. REPA adds one projector MLP per target encoder
 on the hidden state after block `encoder_depth`; its outputs `zs` are aligned with frozen encoder
-features of the clean image (see loss.py).
+features of the clean image (see loss.py). iREPA's projectors (`projection_layer_type` linear or conv,
+a convolution over the token grid) replace the MLP with its keys (`projectors.K.projection_layer.*`).
 
 State-dict keys are identical to the official REPA code, so its checkpoints (`model` or `ema` entry)
 load with strict=True. Differences from the official module, all deliberate:
@@ -18,6 +19,7 @@ models/dit.py builds the DDPM-side DiT from this same class (`out_channels` = 2 
 """
 
 import math
+import re
 from functools import partial
 
 import numpy as np
@@ -191,21 +193,71 @@ class SiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN-modulated LayerNorm then a linear map from tokens to patches of the output channels."""
+    """adaLN-modulated LayerNorm then a linear map from tokens to patches of the output channels.
 
-    def __init__(self, hidden_size, patch_size, out_channels):
+    With `cls_token_dim` (REG) a second head `linear_cls` maps the class token (sequence position 0) to the
+    velocity of the encoder's class token; both heads share the norm and modulation, as in REG.
+    """
+
+    def __init__(self, hidden_size, patch_size, out_channels, cls_token_dim=None):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.linear_cls = nn.Linear(hidden_size, cls_token_dim) if cls_token_dim else None
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x, c):
+        """(N, T, D) -> (N, T, p*p*C); with the class head, (N, 1+T, D) -> ((N, T, p*p*C), (N, cls_token_dim))."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        x = modulate(self.norm_final(x), shift, scale)
+        if self.linear_cls is None:
+            return self.linear(x)
+        return self.linear(x[:, 1:]), self.linear_cls(x[:, 0])
 
 
-def build_projector(hidden_size, projector_dim, z_dim):
-    """REPA projector applied per token: Linear-SiLU-Linear-SiLU-Linear (keys 0, 2, 4)."""
+# Projector types: REPA's MLP, and iREPA's (Singh et al., "What matters for representation alignment",
+# End2End-Diffusion/iREPA) per-token linear map and convolution over the token grid.
+PROJECTOR_TYPES = ("mlp", "linear", "conv")
+
+
+class GridProjector(nn.Module):
+    """iREPA's `linear` and `conv` projectors; keys `projection_layer.{weight,bias}` as in iREPA.
+
+    `conv` runs a k x k convolution (padding k // 2, so the grid keeps its size) over the (grid x grid)
+    layout of the T = grid**2 tokens, so each projected token sees its spatial neighbours; iREPA's point is
+    that this keeps the encoder's spatial structure where the per-token MLP mixes it away.
+    """
+
+    def __init__(self, layer_type, hidden_size, z_dim, kernel_size=1):
+        super().__init__()
+        self.layer_type = layer_type
+        if layer_type == "linear":
+            self.projection_layer = nn.Linear(hidden_size, z_dim)
+        elif layer_type == "conv":
+            if kernel_size < 1 or kernel_size % 2 == 0:
+                raise ValueError(f"conv projector kernel size must be odd and positive, got {kernel_size}")
+            self.projection_layer = nn.Conv2d(hidden_size, z_dim, kernel_size, padding=kernel_size // 2)
+        else:
+            raise ValueError(f"GridProjector is 'linear' or 'conv', got {layer_type!r}")
+
+    def forward(self, x):
+        if self.layer_type == "linear":
+            return self.projection_layer(x)
+        N, T, D = x.shape
+        side = math.isqrt(T)
+        if side * side != T:
+            raise ValueError(f"conv projector needs a square token grid, got {T} tokens")
+        x = x.transpose(1, 2).reshape(N, D, side, side)  # row-major tokens -> (N, D, grid, grid)
+        return self.projection_layer(x).flatten(2).transpose(1, 2)  # (N, z_dim, grid, grid) -> (N, T, z_dim)
+
+
+def build_projector(hidden_size, projector_dim, z_dim, layer_type="mlp", kernel_size=1):
+    """One projector. `mlp` (REPA): Linear-SiLU-Linear-SiLU-Linear per token, keys 0, 2, 4 as in the official
+    REPA code; `linear` and `conv` (iREPA): see GridProjector. projector_dim is used by `mlp` only."""
+    if layer_type not in PROJECTOR_TYPES:
+        raise ValueError(f"unknown projector type {layer_type!r}; choose one of {PROJECTOR_TYPES}")
+    if layer_type != "mlp":
+        return GridProjector(layer_type, hidden_size, z_dim, kernel_size)
     return nn.Sequential(
         nn.Linear(hidden_size, projector_dim),
         nn.SiLU(),
@@ -215,13 +267,38 @@ def build_projector(hidden_size, projector_dim, z_dim):
     )
 
 
+# iREPA wraps every projector, its MLP too, in a module whose layer is `projection_layer`: its MLP keys are
+# `projectors.K.projection_layer.{0,2,4}.*`, REPA's are `projectors.K.{0,2,4}.*`.
+_IREPA_MLP_KEY = re.compile(r"^(projectors\.\d+\.)projection_layer\.(\d+\.)")
+
+
 def projector_kwargs_from_state_dict(state_dict: dict) -> dict:
-    """`z_dims` and `projector_dim` of the projectors in a SiT state dict (the layout of build_projector)."""
+    """The projector keywords of a SiT state dict (for files without recorded constructor keywords).
+
+    Recognises REPA's MLP (`projectors.K.{0,2,4}.*`), iREPA's MLP (`projectors.K.projection_layer.{0,2,4}.*`),
+    and iREPA's linear and conv projectors (`projectors.K.projection_layer.{weight,bias}`, 2-d or 4-d weight).
+    """
     ids = sorted({int(k.split(".")[1]) for k in state_dict if k.startswith("projectors.")})
     if not ids:
         return {"z_dims": []}
-    z_dims = [state_dict[f"projectors.{i}.4.weight"].shape[0] for i in ids]
-    return {"z_dims": z_dims, "projector_dim": state_dict[f"projectors.{ids[0]}.0.weight"].shape[0]}
+    state_dict = {_IREPA_MLP_KEY.sub(r"\1\2", k): v for k, v in state_dict.items() if k.startswith("projectors.")}
+    first = f"projectors.{ids[0]}"
+    if f"{first}.4.weight" in state_dict:  # an MLP, in either key layout
+        return {
+            "z_dims": [state_dict[f"projectors.{i}.4.weight"].shape[0] for i in ids],
+            "projector_dim": state_dict[f"{first}.0.weight"].shape[0],
+            "projection_layer_type": "mlp",
+        }
+    weight = state_dict.get(f"{first}.projection_layer.weight")
+    if weight is None:
+        raise KeyError(f"unrecognised projector layout: {sorted(k for k in state_dict if k.startswith(first))}")
+    kwargs = {
+        "z_dims": [state_dict[f"projectors.{i}.projection_layer.weight"].shape[0] for i in ids],
+        "projection_layer_type": "conv" if weight.ndim == 4 else "linear",
+    }
+    if weight.ndim == 4:
+        kwargs["proj_kwargs_kernel_size"] = weight.shape[-1]
+    return kwargs
 
 
 #################################################################################
@@ -249,12 +326,21 @@ class SiT(nn.Module):
         qk_norm=False,
         fused_attn=True,  # official flag: False computes attention explicitly (same output, slower)
         out_channels=None,  # channels of the prediction; None = in_channels (DiT passes 2x for learned sigma)
+        projection_layer_type="mlp",  # iREPA's keyword: mlp (REPA) | linear | conv
+        proj_kwargs_kernel_size=1,  # iREPA's keyword: conv kernel over the token grid (1, 3, 5, 7; iREPA runs 3)
+        cls_token_dim=None,  # REG: width of the encoder's class token entangled with the image tokens; None = off
     ):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         if z_dims and not 1 <= encoder_depth <= depth:
             raise ValueError(f"encoder_depth must lie in 1..depth={depth}, got {encoder_depth}")
+        if projection_layer_type not in PROJECTOR_TYPES:
+            raise ValueError(
+                f"unknown projection_layer_type {projection_layer_type!r}; choose one of {PROJECTOR_TYPES}"
+            )
+        if cls_token_dim and projection_layer_type == "conv":
+            raise ValueError("a conv projector needs a square token grid; REG's class token makes it 1 + grid**2")
         self.input_size = input_size
         self.in_channels = in_channels
         self.out_channels = in_channels if out_channels is None else out_channels
@@ -263,6 +349,7 @@ class SiT(nn.Module):
         self.num_classes = num_classes
         self.z_dims = list(z_dims)
         self.encoder_depth = encoder_depth
+        self.cls_token_dim = cls_token_dim or None
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -270,7 +357,13 @@ class SiT(nn.Module):
         # Fixed 2D sin-cos position embedding (not trained).
         grid = input_size // patch_size
         pos_embed = torch.tensor(get_2d_sincos_pos_embed(hidden_size, grid), dtype=torch.float32).unsqueeze(0)
-        self.register_buffer("pos_embed", pos_embed)  # (1, T, D)
+        if self.cls_token_dim:
+            # REG: the class token is sequence position 0 with a row of zeros (REG's extra-token layout).
+            pos_embed = torch.cat([torch.zeros_like(pos_embed[:, :1]), pos_embed], dim=1)
+            # REG's names: the class token (N, cls_token_dim) -> Linear -> affine LayerNorm -> one more token.
+            self.cls_projectors2 = nn.Linear(self.cls_token_dim, hidden_size)
+            self.wg_norm = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.register_buffer("pos_embed", pos_embed)  # (1, T, D), T + 1 rows with REG's class token
 
         self.blocks = nn.ModuleList(
             [
@@ -278,12 +371,20 @@ class SiT(nn.Module):
                 for _ in range(depth)
             ]
         )
-        self.projectors = nn.ModuleList([build_projector(hidden_size, projector_dim, z) for z in self.z_dims])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.projection_layer_type = projection_layer_type
+        self.projectors = nn.ModuleList(
+            [
+                build_projector(hidden_size, projector_dim, z, projection_layer_type, proj_kwargs_kernel_size)
+                for z in self.z_dims
+            ]
+        )
+        if projection_layer_type == "mlp":
+            self.register_load_state_dict_pre_hook(_accept_irepa_mlp_keys)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, self.cls_token_dim)
         self.initialize_weights()
 
     def initialize_weights(self):
-        # Xavier-uniform for every linear layer, zero biases:
+        # Xavier-uniform for every linear layer, zero biases (iREPA's conv projectors keep PyTorch's default):
         def _basic_init(module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -308,6 +409,9 @@ class SiT(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        if self.final_layer.linear_cls is not None:  # REG: the class-token velocity starts at 0 too
+            nn.init.zeros_(self.final_layer.linear_cls.weight)
+            nn.init.zeros_(self.final_layer.linear_cls.bias)
 
     def unpatchify(self, x):
         """(N, T, p*p*C) -> (N, C, H, W)."""
@@ -317,7 +421,7 @@ class SiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def _check_input(self, x, t, y):
+    def _check_input(self, x, t, y, cls_token):
         expected = (self.in_channels, self.input_size, self.input_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(
@@ -325,15 +429,30 @@ class SiT(nn.Module):
             )
         if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
             raise ValueError(f"t and y must have shape ({x.shape[0]},), got {tuple(t.shape)} and {tuple(y.shape)}")
+        if self.cls_token_dim is None and cls_token is not None:
+            raise ValueError("cls_token given, but this model was built without cls_token_dim (REG)")
+        if self.cls_token_dim is not None:
+            if cls_token is None:
+                raise ValueError(f"this REG model (cls_token_dim={self.cls_token_dim}) needs cls_token=")
+            if cls_token.shape != (x.shape[0], self.cls_token_dim):
+                raise ValueError(
+                    f"cls_token must have shape ({x.shape[0]}, {self.cls_token_dim}), got {tuple(cls_token.shape)}"
+                )
 
-    def forward(self, x, t, y, force_drop_ids=None):
+    def forward(self, x, t, y, force_drop_ids=None, cls_token=None):
         """x: (N, C, H, W) noisy latents; t: (N,) times in [0, 1]; y: (N,) labels (num_classes = null).
 
         Returns the velocity (N, out_channels, H, W) and a list with one (N, T, z_dim) tensor per projector.
+        REG models (built with cls_token_dim) take the noisy class token cls_token (N, cls_token_dim), run it
+        as sequence position 0 and return (velocity, zs, class-token velocity (N, cls_token_dim)); their zs
+        hold 1 + T tokens, the class token first, as REG aligns [class token; patch tokens].
         """
-        self._check_input(x, t, y)
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
-        N, T, D = x.shape
+        self._check_input(x, t, y, cls_token)
+        x = self.x_embedder(x)  # (N, T, D)
+        if self.cls_token_dim:
+            cls = self.wg_norm(self.cls_projectors2(cls_token.to(x.dtype)))  # (N, D)
+            x = torch.cat([cls.unsqueeze(1), x], dim=1)  # (N, 1+T, D)
+        x = x + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
 
         zs = []
@@ -341,8 +460,20 @@ class SiT(nn.Module):
             x = block(x, c)  # (N, T, D)
             if i + 1 == self.encoder_depth:
                 zs = [projector(x) for projector in self.projectors]  # each (N, T, z_dim)
+        if self.cls_token_dim:
+            x, cls_v = self.final_layer(x, c)  # (N, T, p*p*C), (N, cls_token_dim)
+            return self.unpatchify(x), zs, cls_v
         x = self.final_layer(x, c)  # (N, T, p*p*C)
         return self.unpatchify(x), zs
+
+
+def _accept_irepa_mlp_keys(module, state_dict, prefix, *args):
+    """Load hook: iREPA's MLP keys `projectors.K.projection_layer.N.*` are renamed in place to REPA's
+    `projectors.K.N.*`, so iREPA checkpoints with `--projection-layer-type mlp` load strictly too."""
+    for key in [k for k in state_dict if k.startswith(prefix + "projectors.")]:
+        new = prefix + _IREPA_MLP_KEY.sub(r"\1\2", key[len(prefix) :])
+        if new != key:
+            state_dict[new] = state_dict.pop(key)
 
 
 #################################################################################
@@ -389,12 +520,19 @@ def sit_flops(model: SiT) -> float:
     final layer; ignores norms, activations and embeddings of t and y (<0.1%).
     """
     D = model.pos_embed.shape[-1]
-    T = model.pos_embed.shape[1]
+    T = model.pos_embed.shape[1]  # the sequence: patches (+ REG's class token)
+    patches = model.x_embedder.num_patches
     p, C, C_out = model.patch_size, model.in_channels, model.out_channels
     hidden_mlp = model.blocks[0].mlp.fc1.out_features if len(model.blocks) else 0
     per_block = T * (3 * D * D + 2 * T * D + D * D + 2 * D * hidden_mlp) + 6 * D * D
-    macs = T * p * p * C * D + len(model.blocks) * per_block
+    macs = patches * p * p * C * D + len(model.blocks) * per_block
     for proj in model.projectors:
-        macs += T * sum(layer.in_features * layer.out_features for layer in proj if isinstance(layer, nn.Linear))
-    macs += T * D * p * p * C_out + 2 * D * D
+        for layer in proj.modules():
+            if isinstance(layer, nn.Linear):
+                macs += T * layer.in_features * layer.out_features
+            elif isinstance(layer, nn.Conv2d):  # iREPA's conv projector: k*k*D MACs per output channel and token
+                macs += T * layer.weight[0].numel() * layer.out_channels
+    macs += patches * D * p * p * C_out + 2 * D * D
+    if model.cls_token_dim:  # REG's class-token input and output maps
+        macs += 2 * model.cls_token_dim * D
     return 2.0 * macs

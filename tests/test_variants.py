@@ -1,0 +1,347 @@
+"""REPA variants: iREPA's projectors and spatial normalisation, REG's class token; official references."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import sample_ddp
+from checkpoints import load_checkpoint
+from config import load_yaml_config, parse_config
+from loss import REPALoss, alignment_loss, spatial_zscore
+from models.dit import DiT
+from models.sit import PROJECTOR_TYPES, SiT, SiT_models, projector_kwargs_from_state_dict, sit_flops
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# Keys of the official constructors that this SiT does not take (see tests/test_sit.py).
+OFFICIAL_ONLY_KEYS = ("path_type", "use_cfg", "decoder_hidden_size")
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=5)
+
+
+def reference(testdata, variant, **overrides):
+    """(reference entry, our SiT built from the official constructor config, official weights loaded strictly)."""
+    ref = torch.load(testdata / "variants_reference_tiny.pt", weights_only=True)[variant]
+    config = dict(ref["config"])
+    assert config.pop("decoder_hidden_size") == config["hidden_size"]
+    for key in OFFICIAL_ONLY_KEYS:
+        config.pop(key, None)
+    model = SiT(**config | overrides).eval()
+    model.load_state_dict(ref["state_dict"], strict=True)
+    return ref, model
+
+
+def irepa_mlp_layout(state_dict):
+    """REPA's MLP keys `projectors.K.N.*` as iREPA names them: `projectors.K.projection_layer.N.*`."""
+    return {re.sub(r"^(projectors\.\d+\.)", r"\1projection_layer.", k): v for k, v in state_dict.items()}
+
+
+def inputs(n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, 8, 8, generator=g), torch.rand(n, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+#################################################################################
+#                               iREPA projectors                                #
+#################################################################################
+
+
+@pytest.mark.parametrize("fused_attn", [True, False])
+def test_irepa_conv_projector_matches_official(testdata, fused_attn):
+    ref, model = reference(testdata, "irepa", fused_attn=fused_attn)
+    assert ref["config"]["projection_layer_type"] == "conv" and ref["config"]["proj_kwargs_kernel_size"] == 3
+    with torch.no_grad():
+        v, zs = model(ref["x"], ref["t"], ref["y"])
+    torch.testing.assert_close(v, ref["v"], rtol=1e-5, atol=1e-5)
+    assert [z.shape for z in zs] == [z.shape for z in ref["zs"]] == [(3, 16, 32), (3, 16, 48)]
+    for z, z_ref in zip(zs, ref["zs"]):
+        torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_projector_reads_the_token_grid_row_major(testdata):
+    """A transposed grid (tokens read column-major) gives other outputs: the layout is tested, not assumed."""
+    ref, model = reference(testdata, "irepa")
+    conv = model.projectors[0].projection_layer
+    hidden = torch.randn(2, 16, 64)
+    grid = hidden.transpose(1, 2).reshape(2, 64, 4, 4)  # token i*4+j at row i, column j
+    expected = torch.nn.functional.conv2d(grid, conv.weight, conv.bias, padding=1).flatten(2).transpose(1, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model.projectors[0](hidden), expected)
+        wrong = torch.nn.functional.conv2d(grid.transpose(2, 3), conv.weight, conv.bias, padding=1)
+        assert (model.projectors[0](hidden) - wrong.flatten(2).transpose(1, 2)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5, 7])
+def test_conv_projector_keeps_the_grid_and_kernel_1_is_a_linear_map(kernel):
+    torch.manual_seed(0)
+    model = SiT(**TINY, z_dims=[6], encoder_depth=1, projection_layer_type="conv", proj_kwargs_kernel_size=kernel)
+    assert model.projectors[0].projection_layer.weight.shape == (6, 32, kernel, kernel)
+    hidden = torch.randn(2, 16, 32)
+    out = model.projectors[0](hidden)
+    assert out.shape == (2, 16, 6)
+    if kernel == 1:
+        conv = model.projectors[0].projection_layer
+        torch.testing.assert_close(out, hidden @ conv.weight[:, :, 0, 0].T + conv.bias)
+
+
+def test_projector_key_layouts():
+    """REPA's MLP keeps the official REPA keys; iREPA's linear and conv use iREPA's `projection_layer`."""
+    keys = {}
+    for kind in PROJECTOR_TYPES:
+        model = SiT(**TINY, z_dims=[6], encoder_depth=1, projector_dim=16, projection_layer_type=kind)
+        keys[kind] = sorted(k for k in model.state_dict() if k.startswith("projectors."))
+    assert keys["mlp"] == [f"projectors.0.{i}.{p}" for i in (0, 2, 4) for p in ("bias", "weight")]
+    assert (
+        keys["linear"] == keys["conv"] == ["projectors.0.projection_layer.bias", "projectors.0.projection_layer.weight"]
+    )
+
+
+def test_irepa_mlp_layout_loads_strictly_into_the_repa_layout():
+    torch.manual_seed(0)
+    model = SiT(**TINY, z_dims=[6, 7], encoder_depth=1, projector_dim=16).eval()
+    renamed = irepa_mlp_layout(model.state_dict())
+    assert "projectors.1.projection_layer.4.weight" in renamed
+    other = SiT(**TINY, z_dims=[6, 7], encoder_depth=1, projector_dim=16).eval()
+    other.load_state_dict(renamed, strict=True)
+    x, t, y = inputs()
+    with torch.no_grad():
+        for a, b in zip(model(x, t, y)[1], other(x, t, y)[1]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # The renaming is the MLP's only: a conv model refuses MLP keys in either layout.
+    with pytest.raises(RuntimeError, match="projection_layer"):
+        SiT(**TINY, z_dims=[6, 7], encoder_depth=1, projection_layer_type="conv").load_state_dict(renamed)
+
+
+@pytest.mark.parametrize(
+    "kind, kernel, expected",
+    [
+        ("mlp", 1, {"z_dims": [6, 7], "projector_dim": 16, "projection_layer_type": "mlp"}),
+        ("linear", 1, {"z_dims": [6, 7], "projection_layer_type": "linear"}),
+        ("conv", 5, {"z_dims": [6, 7], "projection_layer_type": "conv", "proj_kwargs_kernel_size": 5}),
+    ],
+)
+def test_projector_kwargs_read_back_from_each_layout(kind, kernel, expected):
+    built = dict(z_dims=[6, 7], encoder_depth=1, projector_dim=16, projection_layer_type=kind)
+    state_dict = SiT(**TINY, **built, proj_kwargs_kernel_size=kernel).state_dict()
+    kwargs = projector_kwargs_from_state_dict(state_dict)
+    assert kwargs == expected
+    SiT(**TINY, encoder_depth=1, **kwargs).load_state_dict(state_dict, strict=True)
+    if kind == "mlp":  # iREPA's MLP keys read back the same
+        assert projector_kwargs_from_state_dict(irepa_mlp_layout(state_dict)) == expected
+    assert projector_kwargs_from_state_dict(SiT(**TINY, z_dims=[]).state_dict()) == {"z_dims": []}
+
+
+def test_official_irepa_weights_rebuild_from_the_state_dict_alone(testdata):
+    """sample_ddp's path for files without recorded constructor keywords."""
+    ref, _ = reference(testdata, "irepa")
+    kwargs = sample_ddp.sit_kwargs_from_state_dict(ref["state_dict"])
+    assert kwargs["projection_layer_type"] == "conv" and kwargs["proj_kwargs_kernel_size"] == 3
+    assert kwargs["z_dims"] == [32, 48]
+    model = SiT(**kwargs, num_heads=ref["config"]["num_heads"], encoder_depth=2).eval()
+    model.load_state_dict(ref["state_dict"], strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ref["x"], ref["t"], ref["y"])[0], ref["v"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(projection_layer_type="attention"), "unknown projection_layer_type"),
+        (dict(projection_layer_type="conv", proj_kwargs_kernel_size=4), "odd"),
+    ],
+)
+def test_bad_projectors_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SiT(**TINY, z_dims=[6], encoder_depth=1, **kwargs)
+
+
+def test_flops_count_the_projector_type():
+    base = dict(**TINY, z_dims=[6], encoder_depth=1)
+    vanilla = sit_flops(SiT(**TINY, z_dims=[]))
+    tokens = 16
+    for kind, kernel, macs in [("linear", 1, 32 * 6), ("conv", 3, 9 * 32 * 6)]:
+        model = SiT(**base, projection_layer_type=kind, proj_kwargs_kernel_size=kernel)
+        assert sit_flops(model) - vanilla == 2 * tokens * macs
+
+
+def test_dit_takes_the_projector_keywords():
+    model = DiT(**TINY, z_dims=[6], encoder_depth=1, projection_layer_type="conv", proj_kwargs_kernel_size=3)
+    assert model.projectors[0].projection_layer.kernel_size == (3, 3)
+
+
+#################################################################################
+#                      iREPA spatial normalisation, config, training            #
+#################################################################################
+
+
+@pytest.mark.parametrize("alpha", [0.6, 1.0])
+def test_spatial_zscore_matches_official(testdata, alpha):
+    ref = torch.load(testdata / "variants_reference_tiny.pt", weights_only=True)["irepa"]
+    out = spatial_zscore(ref["feat"], alpha=alpha)
+    torch.testing.assert_close(out, ref["zscore"][alpha], rtol=1e-5, atol=1e-5)
+    assert (ref["zscore"][0.6] - ref["zscore"][1.0]).abs().max() > 1e-2  # alpha matters
+
+
+def test_spatial_zscore_standardises_each_channel_over_space():
+    feat = torch.randn(2, 16, 5) * torch.rand(1, 1, 5) * 3 + torch.randn(1, 1, 5)
+    out = spatial_zscore(feat)
+    torch.testing.assert_close(out.mean(dim=1), torch.zeros(2, 5), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.std(dim=1), torch.ones(2, 5), rtol=0, atol=1e-5)
+    # alpha < 1 keeps that fraction of the mean: the mean of the output is (1 - alpha) mean / std.
+    partial = spatial_zscore(feat, alpha=0.6)
+    expected = 0.4 * feat.mean(dim=1) / (feat.std(dim=1) + 1e-6)
+    torch.testing.assert_close(partial.mean(dim=1), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_repa_loss_aligns_with_the_normalised_targets():
+    torch.manual_seed(0)
+    model = SiT(**TINY, z_dims=[6], encoder_depth=1, projection_layer_type="conv", proj_kwargs_kernel_size=3)
+    x, _, y = inputs()
+    targets = [torch.randn(2, 16, 6) + 2.0]  # a shared offset, which the z-score removes
+    terms = {}
+    for method in ("none", "zscore"):
+        loss = REPALoss(spnorm_method=method, zscore_alpha=0.6)
+        terms[method] = loss(model, x, y, targets, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        t = torch.rand(2, generator=g)
+        noise = torch.randn(x.shape, generator=g)
+        zs = model((1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise, t, y)[1]
+    torch.testing.assert_close(terms["none"].proj, alignment_loss(zs, targets))
+    torch.testing.assert_close(terms["zscore"].proj, alignment_loss(zs, [spatial_zscore(targets[0], alpha=0.6)]))
+    assert abs(terms["none"].proj - terms["zscore"].proj) > 1e-3
+    with pytest.raises(ValueError, match="spnorm_method"):
+        REPALoss(spnorm_method="layernorm")
+
+
+def test_irepa_flags_parse_with_irepa_defaults():
+    default = parse_config([])
+    assert (default.projection_layer_type, default.proj_kwargs_kernel_size) == ("mlp", 1)
+    assert (default.spnorm_method, default.zscore_alpha) == ("none", 0.6)
+    argv = ["--projection-layer-type", "conv", "--proj-kwargs-kernel-size", "3", "--spnorm-method", "zscore"]
+    cfg = parse_config(argv + ["--zscore-alpha", "0.8"])
+    assert (cfg.projection_layer_type, cfg.proj_kwargs_kernel_size, cfg.spnorm_method) == ("conv", 3, "zscore")
+    assert cfg.zscore_alpha == 0.8
+    for bad, message in [("--proj-kwargs-kernel-size=4", "proj_kwargs_kernel_size"),
+                         ("--projection-layer-type=attention", "projection_layer_type"),
+                         ("--spnorm-method=layernorm", "spnorm_method")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            parse_config([bad])
+
+
+def test_irepa_training_run_and_its_checkpoint_samples(demo_data, tmp_path):
+    from tests.test_train import run_train, tiny_argv
+
+    argv = tiny_argv(demo_data, tmp_path, max_train_steps=2, checkpointing_steps=1)
+    argv += ["--projection-layer-type", "conv", "--proj-kwargs-kernel-size", "3", "--spnorm-method", "zscore"]
+    run_train(argv)
+    first, path = (tmp_path / "run" / "checkpoints" / f"000000{i}.pt" for i in (1, 2))
+    ckpt = load_checkpoint(path)
+    assert ckpt["model_kwargs"]["projection_layer_type"] == "conv"
+    assert ckpt["model_kwargs"]["proj_kwargs_kernel_size"] == 3
+    assert ckpt["config"]["spnorm_method"] == "zscore" and ckpt["args"].spnorm_method == "zscore"
+    key = "projectors.0.projection_layer.weight"
+    assert ckpt["model"][key].shape == (384, 64, 3, 3)  # dinov2-vit-s targets, hidden 64
+    # The conv projector trains: the alignment gradient reaches it.
+    assert not torch.equal(ckpt["model"][key], load_checkpoint(first)["model"][key])
+    model, settings = sample_ddp.load_model(path)
+    assert model.projection_layer_type == "conv" and settings["model"] == "SiT-S/8"
+    torch.testing.assert_close(model.state_dict()[key], ckpt["ema"][key], rtol=0, atol=0)
+
+
+#################################################################################
+#                           REG: the entangled class token                      #
+#################################################################################
+
+
+@pytest.mark.parametrize("fused_attn", [True, False])
+def test_reg_forward_matches_official(testdata, fused_attn):
+    ref, model = reference(testdata, "reg", fused_attn=fused_attn)
+    with torch.no_grad():
+        v, zs, cls_v = model(ref["x"], ref["t"], ref["y"], cls_token=ref["cls_token"])
+    torch.testing.assert_close(v, ref["v"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cls_v, ref["cls_v"], rtol=1e-5, atol=1e-5)
+    assert len(zs) == 1 and zs[0].shape == (3, 17, 32)  # [class token; 16 patch tokens]
+    torch.testing.assert_close(zs[0], ref["zs"][0], rtol=1e-5, atol=1e-5)
+    # The class token is entangled: another class token changes the image velocity.
+    with torch.no_grad():
+        v_other = model(ref["x"], ref["t"], ref["y"], cls_token=ref["cls_token"].flip(0))[0]
+    assert (v - v_other).abs().max() > 1e-3
+
+
+def test_reg_layout_keys_and_position_row():
+    torch.manual_seed(0)
+    model = SiT(**TINY, z_dims=[6], encoder_depth=1, projector_dim=16, cls_token_dim=6)
+    plain = SiT(**TINY, z_dims=[6], encoder_depth=1, projector_dim=16)
+    extra = sorted(set(model.state_dict()) - set(plain.state_dict()))
+    assert extra == sorted(
+        ["cls_projectors2.weight", "cls_projectors2.bias", "wg_norm.weight", "wg_norm.bias"]
+        + ["final_layer.linear_cls.weight", "final_layer.linear_cls.bias"]
+    )
+    assert model.state_dict()["final_layer.linear_cls.weight"].shape == (6, 32)
+    # The class token's position row is zero; the patch rows are the plain SiT's sin-cos rows.
+    assert model.pos_embed.shape == (1, 17, 32) and not model.pos_embed[0, 0].any()
+    torch.testing.assert_close(model.pos_embed[:, 1:], plain.pos_embed, rtol=0, atol=0)
+    # At initialisation both velocities are zero (zeroed heads and modulation).
+    x, t, y = inputs()
+    with torch.no_grad():
+        v, zs, cls_v = model(x, t, y, cls_token=torch.randn(2, 6))
+    assert not v.any() and not cls_v.any() and zs[0].shape == (2, 17, 6)
+
+
+@pytest.mark.parametrize(
+    "build, call, message",
+    [
+        (dict(cls_token_dim=6), dict(), "needs cls_token"),
+        (dict(cls_token_dim=6), dict(cls_token=torch.zeros(2, 5)), "cls_token must have shape"),
+        (dict(), dict(cls_token=torch.zeros(2, 6)), "without cls_token_dim"),
+    ],
+)
+def test_reg_inputs_are_checked(build, call, message):
+    model = SiT(**TINY, z_dims=[6], encoder_depth=1, projector_dim=16, **build)
+    with pytest.raises(ValueError, match=message):
+        model(*inputs(), **call)
+
+
+def test_reg_refuses_a_conv_projector():
+    with pytest.raises(ValueError, match="square token grid"):
+        SiT(**TINY, z_dims=[6], encoder_depth=1, cls_token_dim=6, projection_layer_type="conv")
+
+
+def test_reg_flops_add_one_token():
+    base = TINY | dict(z_dims=[], depth=1)
+    plain, reg = sit_flops(SiT(**base)), sit_flops(SiT(**base, cls_token_dim=6))
+    D, T, hidden_mlp = 32, 16, 128
+    one_token = 3 * D * D + D * D + 2 * D * hidden_mlp  # qkv, proj, MLP for the extra token
+    attention = 2 * ((T + 1) ** 2 - T**2) * D  # scores and weighted values grow with (T+1)^2
+    assert reg - plain == 2 * (one_token + attention + 2 * 6 * D)
+
+
+#################################################################################
+#                            configs/variants/                                  #
+#################################################################################
+
+VARIANTS = Path(__file__).resolve().parents[1] / "configs" / "variants"
+
+
+@pytest.mark.parametrize("name", ["irepa-sit-b-2_dinov2-b.yaml", "irepa-sit-xl-2_dinov2-b.yaml"])
+def test_irepa_configs_build_their_projector(name):
+    cfg = load_yaml_config(VARIANTS / name)
+    assert (cfg.projection_layer_type, cfg.proj_kwargs_kernel_size, cfg.spnorm_method) == ("conv", 3, "zscore")
+    with torch.device("meta"):
+        model = SiT_models[cfg.model](
+            z_dims=[768],
+            encoder_depth=cfg.encoder_depth,
+            projection_layer_type=cfg.projection_layer_type,
+            proj_kwargs_kernel_size=cfg.proj_kwargs_kernel_size,
+        )
+    assert model.projectors[0].projection_layer.weight.shape[-2:] == (3, 3)
+
+
+def test_reg_config_is_refused_until_reg_trains():
+    import train
+
+    assert load_yaml_config(VARIANTS / "reg-sit-xl-2_dinov2-b.yaml").cls == 0.03
+    with pytest.raises(NotImplementedError, match="REG"):
+        train.main(["--config", str(VARIANTS / "reg-sit-xl-2_dinov2-b.yaml")])
