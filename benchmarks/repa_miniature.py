@@ -219,6 +219,7 @@ def train_argv(args, folders, out: Path, method: str, seed: int, encoder_path: s
         sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "miniature.yaml"),
         "--data-dir", str(folders["diffusion"]), "--output-dir", str(out / "runs"), "--exp-name", f"{method}-seed{seed}",
         "--seed", str(seed), "--max-train-steps", str(args.steps), "--checkpointing-steps", str(args.eval_every),
+        "--resolution", str(args.resolution), "--model", f"SiT-S/{args.resolution // args.grid}",
     ]  # fmt: skip
     if method == "vanilla":
         argv += ["--enc-type", "none", "--proj-coeff", "0"]
