@@ -141,7 +141,8 @@ def load_model(ckpt_path, model_name=None, use_ema=True, encoder_depth=None):
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
         raise RuntimeError(f"{ckpt_path}: the weights do not fit {name} built from the checkpoint: {e}") from e
-    return model.eval(), {**settings, "model": name, "weights_sha256": weights_digest(state_dict)}
+    steps = ckpt.get("steps") if isinstance(ckpt, dict) else None  # the training step, where recorded
+    return model.eval(), {**settings, "model": name, "steps": steps, "weights_sha256": weights_digest(state_dict)}
 
 
 def resolve_training_settings(args, settings: dict) -> dict:

@@ -283,7 +283,7 @@ def test_model_kwargs_recorded_by_training_build_the_model(tmp_path):
     model, ema = tiny_pixel_checkpoint(tmp_path / "ckpt.pt", with_model_kwargs=True)
     loaded, settings = sample_ddp.load_model(tmp_path / "ckpt.pt")
     assert all(torch.equal(loaded.state_dict()[k], ema[k]) for k in ema)
-    assert len(settings["weights_sha256"]) == 64
+    assert len(settings["weights_sha256"]) == 64 and settings["steps"] == 10
 
 
 def test_decoding_applies_the_runs_latent_scale_bias_and_vae(tmp_path, tiny_vae):
