@@ -197,7 +197,8 @@ def load_yaml_config(path, base: TrainConfig | None = None) -> TrainConfig:
     return config_from_dict(data, base, source=str(path))
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
+    """A boolean flag value: 1/true/yes/on or 0/false/no/off (also used by sample_ddp.py)."""
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
@@ -214,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         kind = _field_type(f)
         flag = "--" + f.name.replace("_", "-")
         if kind is bool:
-            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=None, metavar="BOOL")
+            parser.add_argument(flag, type=parse_bool, nargs="?", const=True, default=None, metavar="BOOL")
         else:
             parser.add_argument(flag, type=kind, default=None, help=f"default: {f.default}")
     return parser

@@ -42,6 +42,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoints import load_checkpoint, model_state_dict
+from config import parse_bool
 from diffusion import ddim_sampler, ddpm_sampler
 from evaluations.evaluate import describe_protocol
 from evaluations.evaluate import main as evaluate_main
@@ -372,15 +373,6 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
-
-
-def parse_bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
 def build_parser():

@@ -30,7 +30,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.sit import FinalLayer, Mlp, PatchEmbed, TimestepEmbedder, build_projector, get_2d_sincos_pos_embed, modulate
+from models.sit import (
+    FinalLayer,
+    Mlp,
+    PatchEmbed,
+    TimestepEmbedder,
+    build_projector,
+    get_2d_sincos_pos_embed,
+    modulate,
+    unpatchify,
+)
 
 HEAD_DIM = 32  # official: hidden_size = 32 * depth with depth heads
 
@@ -162,11 +171,7 @@ class MMDiT(nn.Module):
 
     def unpatchify(self, x):
         """(N, T, p*p*C) -> (N, C, H, W)."""
-        c, p = self.out_channels, self.patch_size
-        h = w = self.input_size // p
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
+        return unpatchify(x, self.patch_size, self.out_channels)
 
     def _check_input(self, x, t, context):
         expected = (self.in_channels, self.input_size, self.input_size)

@@ -272,6 +272,14 @@ def build_projector(hidden_size, projector_dim, z_dim, layer_type="mlp", kernel_
 _IREPA_MLP_KEY = re.compile(r"^(projectors\.\d+\.)projection_layer\.(\d+\.)")
 
 
+def unpatchify(x, patch_size: int, channels: int):
+    """(N, T, p*p*C) row-major patch tokens of a square image -> (N, C, H, W)."""
+    p, side = patch_size, math.isqrt(x.shape[1])
+    x = x.reshape(x.shape[0], side, side, p, p, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(x.shape[0], channels, side * p, side * p)
+
+
 def projector_kwargs_from_state_dict(state_dict: dict) -> dict:
     """The projector keywords of a SiT state dict (for files without recorded constructor keywords).
 
@@ -415,11 +423,7 @@ class SiT(nn.Module):
 
     def unpatchify(self, x):
         """(N, T, p*p*C) -> (N, C, H, W)."""
-        c, p = self.out_channels, self.patch_size
-        h = w = self.input_size // p
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
+        return unpatchify(x, self.patch_size, self.out_channels)
 
     def _check_input(self, x, t, y, cls_token):
         expected = (self.in_channels, self.input_size, self.input_size)
