@@ -133,9 +133,9 @@ def train_encoder(folders, resolution, grid, out: Path, epochs: int) -> dict:
     path = out / "encoder.pt"
     kwargs = dict(img_size=resolution, patch_size=resolution // grid, embed_dim=128, depth=4, num_heads=4)
     kwargs |= dict(global_pool="avg", fc_norm=False)  # the final-norm patch tokens, averaged, are classified
-    val_images, val_labels = load_images(folders["heldout"])
     if path.exists():
         return {"path": str(path), "kwargs": kwargs, "cached": True}
+    val_images, val_labels = load_images(folders["heldout"])
     torch.manual_seed(0)
     model = timm.create_model(ENCODER_NAME, pretrained=False, num_classes=10, **kwargs)
     mean, std = torch.tensor(ENCODER_MEAN).view(1, 3, 1, 1), torch.tensor(ENCODER_STD).view(1, 3, 1, 1)
