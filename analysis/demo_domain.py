@@ -1,7 +1,7 @@
 """Networks of the embedded demo domain, trained here on generated data: the REPA target and the judge.
 
-    python -m analysis.demo_domain train --out assets/demo --resolution 16 --grid 4    # the committed weights
-    python -m analysis.demo_domain evaluate --ckpt RUN/checkpoints/0003000.pt --nets assets/demo
+    python -m analysis.demo_domain train --out analysis/demo_nets      # what made the committed networks
+    python -m analysis.demo_domain evaluate --ckpt demo_out/demo/checkpoints/0003000.pt --cfg-scale 4
 
 Pretrained encoders cannot be downloaded for the demo domain (10 classes of generated shapes and textures,
 preprocessing/make_demo_data.py), so the demo and the miniature (benchmarks/repa_miniature.py) train their
@@ -190,37 +190,49 @@ def fd(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
 #################################################################################
 
 
+def encoder_probe_accuracy(encoder, images, labels) -> float:
+    """A linear probe of the encoder's averaged target tokens: fitted on the even items, scored on the odd."""
+    from analysis.alignment import encoder_features, linear_probe
+
+    feats = encoder_features(encoder, images)
+    return linear_probe(feats[0::2], labels[0::2], feats[1::2], labels[1::2])
+
+
 def train_nets(
     out: Path, resolution: int, grid: int, encoder_epochs: int, evaluator_epochs: int, per_class: int = 400,
-    encoder_width: int = 128, encoder_depth: int = 4, heldout_per_class: int = 100,
+    evaluator_per_class: int = 300, encoder_width: int = 128, encoder_depth: int = 4, heldout_per_class: int = 100,
 ) -> dict:  # fmt: skip
-    """encoder.pt and evaluator.pt in `out` (each reused if there), and nets.json with their settings and
-    held-out accuracies; returns that record."""
+    """encoder.pt and evaluator.pt in `out` (each trained unless already there) and nets.json: how they were
+    made and their accuracy on the held-out set (measured every time). Returns that record."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    per_class = {"encoder": per_class, "evaluator": per_class, "heldout": heldout_per_class}
-    folders = make_splits(out, resolution, per_class)
-    val_images, val_labels = load_images(folders["heldout"])
+    sizes = {"encoder": per_class, "evaluator": evaluator_per_class, "heldout": heldout_per_class}
     record_path = out / "nets.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     kwargs = encoder_kwargs(resolution, grid, encoder_width, encoder_depth)
-    if not (out / "encoder.pt").exists():
+    folders = make_splits(out, resolution, {"heldout": heldout_per_class})
+    for net, epochs in (("encoder", encoder_epochs), ("evaluator", evaluator_epochs)):
+        if (out / f"{net}.pt").exists():
+            continue
+        folders |= make_splits(out, resolution, {net: sizes[net]})
+        images, labels = load_images(folders[net])
         start = time.time()
-        model = train_encoder(*load_images(folders["encoder"]), kwargs, out / "encoder.pt", encoder_epochs)
-        record["encoder"] = dict(
-            file="encoder.pt", enc_type=f"timm:{ENCODER_NAME}", timm_kwargs=kwargs, epochs=encoder_epochs,
-            train_images=10 * per_class["encoder"], seconds=round(time.time() - start, 1),
-            heldout_accuracy=accuracy(model, encoder_forward, val_images, val_labels),
-        )  # fmt: skip
-    if not (out / "evaluator.pt").exists():
-        start = time.time()
-        model = train_evaluator(*load_images(folders["evaluator"]), out / "evaluator.pt", evaluator_epochs)
-        record["evaluator"] = dict(
-            file="evaluator.pt", epochs=evaluator_epochs, train_images=10 * per_class["evaluator"],
-            seconds=round(time.time() - start, 1),
-            heldout_accuracy=accuracy(model, lambda m, x: m(x), val_images, val_labels),
-        )  # fmt: skip
-    record["resolution"], record["grid"], record["split_seeds"] = resolution, grid, SPLIT_SEEDS
+        if net == "encoder":
+            train_encoder(images, labels, kwargs, out / "encoder.pt", epochs)
+        else:
+            train_evaluator(images, labels, out / "evaluator.pt", epochs)
+        record[net] = dict(
+            file=f"{net}.pt", epochs=epochs, train_images=len(images), seconds=round(time.time() - start)
+        )
+    val_images, val_labels = load_images(folders["heldout"])
+    from models.encoders import load_encoders
+
+    (enc,) = load_encoders(f"timm:{ENCODER_NAME}", "cpu", 16 * grid, ckpt_path=str(out / "encoder.pt"))
+    record["encoder"] |= dict(enc_type=f"timm:{ENCODER_NAME}", timm_kwargs=kwargs)
+    record["encoder"]["heldout_linear_probe_accuracy"] = encoder_probe_accuracy(enc, val_images, val_labels)
+    evaluator = load_evaluator(out / "evaluator.pt")
+    record["evaluator"]["heldout_accuracy"] = accuracy(evaluator, lambda m, x: m(x), val_images, val_labels)
+    record |= dict(resolution=resolution, grid=grid, split_seeds=SPLIT_SEEDS, heldout_images=len(val_images))
     record_path.write_text(json.dumps(record, indent=2))
     return record
 
@@ -299,15 +311,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train the encoder and the evaluator (each skipped if its file exists)")
-    t.add_argument("--out", default="assets/demo")
+    t.add_argument("--out", default="analysis/demo_nets")
     t.add_argument("--resolution", type=int, default=16)
     t.add_argument("--grid", type=int, default=4, help="token grid of the encoder (= the SiT's)")
-    t.add_argument("--per-class", type=int, default=400, help="training images per class, each network")
+    t.add_argument("--per-class", type=int, default=400, help="training images per class of the encoder")
+    t.add_argument("--evaluator-per-class", type=int, default=300, help="training images per class of the evaluator")
     t.add_argument("--encoder-epochs", type=int, default=12)
     t.add_argument("--evaluator-epochs", type=int, default=6)
     e = sub.add_parser("evaluate", help="sample a checkpoint and print the evaluator's verdict")
     e.add_argument("--ckpt", required=True)
-    e.add_argument("--nets", default="assets/demo", help="folder of nets.json, evaluator.pt")
+    e.add_argument("--nets", default="analysis/demo_nets", help="folder of nets.json, evaluator.pt")
     e.add_argument("--num-samples", type=int, default=500)
     e.add_argument("--num-steps", type=int, default=20, help="Heun ODE steps")
     e.add_argument("--cfg-scale", type=float, default=1.0)
@@ -316,7 +329,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.command == "train":
         record = train_nets(
-            Path(args.out), args.resolution, args.grid, args.encoder_epochs, args.evaluator_epochs, args.per_class
+            Path(args.out),
+            args.resolution,
+            args.grid,
+            args.encoder_epochs,
+            args.evaluator_epochs,
+            args.per_class,
+            args.evaluator_per_class,
         )
         print(json.dumps(record, indent=2))
         return

@@ -13,7 +13,7 @@ What it does, end to end, with nothing downloaded (every network here is trained
    give a Frechet distance (FD) between generated and held-out real images, and its classifier says whether
    a sample shows its conditioning label.
    Both networks come from analysis/demo_domain.py: trained into --out, or read from --nets (e.g. the
-   committed assets/demo, which the demo uses too).
+   committed analysis/demo_nets, which the demo uses too).
 4. For each seed, a vanilla SiT (`--proj-coeff 0 --enc-type none`) and a REPA SiT train through train.py
    with identical seed, data order, model, optimiser and budget, as two processes side by side (one thread
    each, so neither gets more CPU). Only the alignment term differs.
@@ -224,7 +224,7 @@ def main(argv=None):
         "--nets",
         default=None,
         help="folder with the encoder and evaluator (analysis/demo_domain.py "
-        "train; e.g. assets/demo); default: train them into --out",
+        "train; e.g. analysis/demo_nets); default: train them into --out",
     )
     p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[], help="more train.py flags (last)")
     args = p.parse_args(argv)
