@@ -18,7 +18,7 @@ needs_compiler = pytest.mark.skipif(not CAN_COMPILE, reason=f"torch.compile unav
 def tiny_sit(z_dims=(32,)):
     torch.manual_seed(0)
     model = SiT(
-        input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=4,
+        input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=4,
         z_dims=list(z_dims), encoder_depth=1, projector_dim=32,
     )  # fmt: skip
     torch.nn.init.normal_(model.final_layer.linear.weight, std=0.02)  # a non-zero output, as after training
