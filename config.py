@@ -83,10 +83,10 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     ema_decay: float = 0.9999  # updated on optimizer steps only
-    max_nonfinite_steps: int = 10  # skipped steps with non-finite loss before the run stops
+    max_nonfinite_steps: int = 10  # skipped steps (non-finite loss or gradient) before the run stops
     mixed_precision: str = "fp16"  # no | fp16 | bf16
     allow_tf32: bool = True
-    compile: bool = False  # torch.compile the model
+    compile: bool = True  # torch.compile model and encoders where it works (CUDA; CPU with a C++ compiler)
 
     def __post_init__(self):
         choices = {

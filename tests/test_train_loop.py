@@ -157,9 +157,9 @@ class Recorder:
         return RecordingLoss
 
     def _wrap_update_ema(rec, real):
-        def update_ema(ema, model, decay):
+        def update_ema(ema, model, decay, apply=None):
             rec.ema, rec.ema_updates = ema, rec.ema_updates + 1
-            return real(ema, model, decay)
+            return real(ema, model, decay, apply)
 
         return update_ema
 
@@ -428,16 +428,20 @@ def test_ema_is_the_exponential_average_of_the_weight_trajectory(demo_data, tmp_
 
 
 def test_a_nonfinite_step_leaves_model_ema_and_optimizer_unchanged(demo_data, tmp_path, recorder):
+    # A skipped step is decided on the device (no sync): it counts as a step (its batch is consumed, the step
+    # counter advances) but changes nothing: weights, AdamW moments and step count, EMA.
     rec = recorder(poison={2})  # the third micro-step's loss is NaN
-    run(tiny_argv(demo_data, tmp_path, ema_decay=0.8, max_train_steps=3, checkpointing_steps=3))
-    assert len(rec.calls) == 4 and len(rec.weights) == 3 and rec.ema_updates == 3
+    run(tiny_argv(demo_data, tmp_path, ema_decay=0.8, max_train_steps=4, checkpointing_steps=4))
+    assert len(rec.calls) == 4 and len(rec.weights) == 4 and rec.ema_updates == 4
     before, after = rec.calls[2], rec.calls[3]
     for key in ("params", "ema", "opt"):
         assert_same_state(after[key], before[key], f"{key} after the non-finite step")
     assert not torch.equal(rec.calls[1]["ema"]["final_layer.linear.weight"], before["ema"]["final_layer.linear.weight"])
-    ckpt = checkpoint(tmp_path, 3)
+    ckpt = checkpoint(tmp_path, 4)
     assert ckpt["nonfinite_steps"] == 1 and ckpt["data_position"] == 16  # the skipped batch is consumed
-    assert ckpt["opt"]["state"][0]["step"] == 3
+    assert ckpt["opt"]["state"][0]["step"] == 3  # AdamW's own count (bias correction) skips it too
+    stats = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    assert [s["nonfinite_steps"] for s in stats] == [0, 0, 1, 1] and stats[2]["grad_norm"] == 0
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
