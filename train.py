@@ -39,6 +39,7 @@ from models.dit import DiT_models
 from models.encoders import load_encoders
 from models.sit import sit_flops
 from models.vae import VAENotFoundError, latent_decoder, load_vae
+from preprocessing.target_cache import open_target_cache
 from samplers import euler_sampler
 
 CHECKPOINT_PATTERN = re.compile(r"^(\d{7})\.pt$")
@@ -79,24 +80,29 @@ def update_ema(ema, model, decay):
 
 
 class IndexedDataset(torch.utils.data.Dataset):
-    """(index, *item): the index keys the encoder-target cache."""
+    """(index, *item[, *tokens]): the index keys the in-memory TargetCache; with `targets` (--target-cache,
+    a preprocessing.target_cache.DiskTargetCache) the item's cached tokens per encoder follow, read by the
+    DataLoader workers."""
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    def __init__(self, dataset, targets=None):
+        self.dataset, self.targets = dataset, targets
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, index):
-        return (index, *self.dataset[index])
+        item = (index, *self.dataset[index])
+        return item if self.targets is None else (*item, *self.targets[index])
 
 
 class TargetCache:
-    """Encoder tokens per dataset item, computed the first time the item is drawn.
+    """Encoder tokens per dataset item, computed the first time the item is drawn (--cache-targets).
 
     Frozen encoders are deterministic, so this changes nothing but speed; it costs items x T x D floats of
     memory (the demo: 4000 x 64 x 384 x 4 B = 0.4 GB; ImageNet would need ~1 TB, use it only on small sets).
     A resumed run refills the cache in other batch compositions, so it is exact only to float rounding.
+    For large sets, and for bit-exact resumes, write the tokens once with `dataset_tools.py encode-targets`
+    and train with --target-cache DIR (preprocessing/target_cache.py): read from disk, never recomputed.
     """
 
     def __init__(self, encoders):
@@ -278,6 +284,10 @@ def train(cfg: TrainConfig):
         encoders = load_encoders(
             cfg.enc_type, device, enc_resolution, ckpt_path=cfg.enc_ckpt or None, enc_weights=cfg.enc_weights
         )
+    # --target-cache: the encoders' tokens come from disk with each item; checked against this run first.
+    targets = open_target_cache(cfg.target_cache, encoders, dataset, cfg.hflip) if cfg.target_cache else None
+    if targets is not None:
+        log(f"encoder targets read from {targets.describe()}; the encoders are not run")
     size_overrides = {k: v for k in ("depth", "hidden_size", "num_heads") if (v := getattr(cfg, k))}
     model_kwargs = dict(  # saved in every checkpoint: sample_ddp.py rebuilds the model from them
         **size_overrides,
@@ -350,7 +360,7 @@ def train(cfg: TrainConfig):
 
     sampler = ResumableSampler(len(dataset), micro_global, cfg.seed, rank, world, start_index=position)
     loader = DataLoader(
-        IndexedDataset(dataset),
+        IndexedDataset(dataset, targets),
         batch_size=sampler.local_batch_size,
         sampler=sampler,
         num_workers=cfg.num_workers,
@@ -395,7 +405,7 @@ def train(cfg: TrainConfig):
         step_finite = True
         for _ in range(cfg.gradient_accumulation_steps):
             torch.manual_seed(step_seed(cfg.seed, rank, position))  # all randomness of this micro-step
-            indices, images, x, labels = (t.to(device, non_blocking=True) for t in next(data_iter))
+            indices, images, x, labels, *cached = (t.to(device, non_blocking=True) for t in next(data_iter))
             position += micro_global
             x = sample_latents(x, cfg)
             if cfg.legacy:
@@ -404,7 +414,10 @@ def train(cfg: TrainConfig):
                 drop = torch.rand(labels.shape[0], device=device) < cfg.cfg_prob
                 labels = torch.where(drop, cfg.num_classes, labels)
             with torch.no_grad(), autocast():
-                zs_target = cache(indices, images) if cache else [enc.encode(images) for enc in encoders]
+                if cached:  # --target-cache: stored tokens, in fp32 as the loss computes the alignment
+                    zs_target = [z.float() for z in cached]
+                else:
+                    zs_target = cache(indices, images) if cache else [enc.encode(images) for enc in encoders]
             with accelerator.accumulate(model), autocast():
                 terms = loss_fn(model, x, labels, zs_target)
                 finite = torch.isfinite(terms.total.detach()).float()
