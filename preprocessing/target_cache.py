@@ -66,15 +66,15 @@ def weights_sha256(module: torch.nn.Module) -> str:
 
 def encoder_identity(encoder) -> dict:
     """What a FrozenEncoder's tokens depend on (models/encoders.py)."""
-    return {
+    return {  # in the order check() compares them: shapes first (the weights hash depends on the grid too)
         "name": encoder.spec.name,
         "timm_arch": encoder.spec.timm_arch,
-        "weights_source": encoder.weights_source,
-        "weights_sha256": weights_sha256(encoder.model),
         "resolution": encoder.resolution,  # the encoder setting: grid = resolution / 16
         "grid": encoder.grid,
         "tokens": encoder.grid**2,
         "embed_dim": encoder.embed_dim,
+        "weights_source": encoder.weights_source,
+        "weights_sha256": weights_sha256(encoder.model),  # position embeddings are resampled to the grid
     }
 
 
