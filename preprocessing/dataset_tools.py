@@ -630,12 +630,14 @@ def encode_targets(args) -> int:
         with torch.inference_mode(), autocast:
             # The mirrored view is images.flip(-1), the same uint8 tensor ImageLatentDataset(flip=True) serves.
             tokens = {(e, f): encoders[e].encode(images.flip(-1) if f else images) for e, f in outputs}
-        stored = {key: target_cache.to_storage(t, args.dtype, f"{args.dest} items {ks.tolist()}") for key, t in tokens.items()}  # fmt: skip
+        what = f"{args.dest} items {ks.tolist()}"
+        stored = {key: target_cache.to_storage(t, args.dtype, what) for key, t in tokens.items()}
         for i, k in enumerate(ks.tolist()):
             j = k // args.shard_size
             if errors[i]:
                 broken.add(j)
-                failures.append({"index": k, "image": dataset.images.describe(str(dataset.image_names[k])), "reason": errors[i]})  # fmt: skip
+                image = dataset.images.describe(str(dataset.image_names[k]))
+                failures.append({"index": k, "image": image, "reason": errors[i]})
             if j not in buffers:
                 buffers[j] = {(e, f): np.empty(shard_shape(e, j), storage) for e, f in outputs}
                 filled[j] = 0
