@@ -48,6 +48,7 @@ class TrainConfig:
     enc_weights: str = "pretrained"  # pretrained | random (random checks the pipeline, not the method)
     proj_coeff: float = 0.5  # lambda; 0 trains a vanilla SiT
     cache_targets: bool = False  # keep encoder tokens per item in memory (small datasets only, e.g. the demo)
+    target_cache: str = ""  # folder of `dataset_tools.py encode-targets`: tokens read from disk, encoders not run
     # --- iREPA (Singh et al. 2025; defaults are REPA's, as in iREPA's own train.py) --------------------
     projection_layer_type: str = "mlp"  # mlp (REPA) | linear | conv (a conv over the token grid; iREPA: conv)
     proj_kwargs_kernel_size: int = 1  # conv kernel, 1 | 3 | 5 | 7 (iREPA: 3)
@@ -132,6 +133,11 @@ class TrainConfig:
         if self.proj_kwargs_kernel_size not in (1, 3, 5, 7):  # iREPA's choices: odd, so the grid keeps its size
             raise ValueError(
                 f"config key 'proj_kwargs_kernel_size': {self.proj_kwargs_kernel_size} is not 1, 3, 5 or 7"
+            )
+        if self.target_cache and self.cache_targets:
+            raise ValueError(
+                f"config keys 'target_cache' ({self.target_cache}) and 'cache_targets': choose one; the on-disk "
+                "cache already holds every item's tokens"
             )
         if not 0 <= self.cfg_prob < 1:
             raise ValueError(f"config key 'cfg_prob': {self.cfg_prob} must lie in [0, 1)")

@@ -41,6 +41,7 @@ from models.dit import DiT_models
 from models.encoders import load_encoders
 from models.sit import sit_flops
 from models.vae import VAENotFoundError, latent_decoder, load_vae
+from preprocessing.target_cache import open_target_cache
 from samplers import euler_sampler
 
 CHECKPOINT_PATTERN = re.compile(r"^(\d{7})\.pt$")
@@ -86,24 +87,29 @@ def update_ema(ema, model, decay, apply=None):
 
 
 class IndexedDataset(torch.utils.data.Dataset):
-    """(index, *item): the index keys the encoder-target cache."""
+    """(index, *item[, *tokens]): the index keys the in-memory TargetCache; with `targets` (--target-cache,
+    a preprocessing.target_cache.DiskTargetCache) the item's cached tokens per encoder follow, read by the
+    DataLoader workers."""
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    def __init__(self, dataset, targets=None):
+        self.dataset, self.targets = dataset, targets
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, index):
-        return (index, *self.dataset[index])
+        item = (index, *self.dataset[index])
+        return item if self.targets is None else (*item, *self.targets[index])
 
 
 class TargetCache:
-    """Encoder tokens per dataset item, computed the first time the item is drawn.
+    """Encoder tokens per dataset item, computed the first time the item is drawn (--cache-targets).
 
     Frozen encoders are deterministic, so this changes nothing but speed; it costs items x T x D floats of
     memory (the demo: 4000 x 64 x 384 x 4 B = 0.4 GB; ImageNet would need ~1 TB, use it only on small sets).
     A resumed run refills the cache in other batch compositions, so it is exact only to float rounding.
+    For large sets, and for bit-exact resumes, write the tokens once with `dataset_tools.py encode-targets`
+    and train with --target-cache DIR (preprocessing/target_cache.py): read from disk, never recomputed.
     """
 
     def __init__(self, encoders):
@@ -296,11 +302,12 @@ class TrainStep:
         self.nonfinite_steps = torch.tensor(nonfinite_steps, device=self.device)  # the run's total, every rank
 
     def __call__(self, micro_batches, step: int):
-        """micro_batches: gradient_accumulation_steps tuples (position, indices, images, x, labels) on the
-        device, position = the stream position of the batch's first item (all ranks); step: 0-based."""
+        """micro_batches: gradient_accumulation_steps tuples (position, indices, images, x, labels, *cached)
+        on the device, position = the stream position of the batch's first item (all ranks), cached = the
+        items' stored encoder tokens (--target-cache), one tensor per encoder, or nothing; step: 0-based."""
         cfg, accelerator = self.cfg, self.accelerator
         bad_losses = torch.zeros((), device=self.device)  # this rank's non-finite micro-step losses
-        for position, indices, images, x, labels in micro_batches:
+        for position, indices, images, x, labels, *cached in micro_batches:
             torch.manual_seed(step_seed(cfg.seed, self.rank, position))  # all randomness of this micro-step
             x = sample_latents(x, cfg)
             if cfg.legacy:
@@ -309,7 +316,10 @@ class TrainStep:
                 drop = torch.rand(labels.shape[0], device=x.device) < cfg.cfg_prob
                 labels = torch.where(drop, cfg.num_classes, labels)
             with torch.no_grad(), accelerator.autocast():
-                zs_target = self.targets(indices, images) if self.targets is not None else []
+                if cached:  # --target-cache: stored tokens, in fp32 as the loss computes the alignment
+                    zs_target = [z.float() for z in cached]
+                else:
+                    zs_target = self.targets(indices, images) if self.targets is not None else []
             with accelerator.accumulate(self.model), accelerator.autocast():
                 terms = self.loss_fn(self.model, x, labels, zs_target)
                 # A non-finite loss still runs its backward, so DDP's gradient reduction stays in step.
@@ -425,6 +435,10 @@ def train(cfg: TrainConfig):
         encoders = load_encoders(
             cfg.enc_type, device, enc_resolution, ckpt_path=cfg.enc_ckpt or None, enc_weights=cfg.enc_weights
         )
+    # --target-cache: the encoders' tokens come from disk with each item; checked against this run first.
+    disk_targets = open_target_cache(cfg.target_cache, encoders, dataset, cfg.hflip) if cfg.target_cache else None
+    if disk_targets is not None:
+        log(f"encoder targets read from {disk_targets.describe()}; the encoders are not run")
     size_overrides = {k: v for k in ("depth", "hidden_size", "num_heads") if (v := getattr(cfg, k))}
     model_kwargs = dict(  # saved in every checkpoint: sample_ddp.py rebuilds the model from them
         **size_overrides,
@@ -490,7 +504,7 @@ def train(cfg: TrainConfig):
 
     sampler = ResumableSampler(len(dataset), micro_global, cfg.seed, rank, world, start_index=position)
     loader = DataLoader(
-        IndexedDataset(dataset),
+        IndexedDataset(dataset, disk_targets),
         batch_size=sampler.local_batch_size,
         sampler=sampler,
         num_workers=cfg.num_workers,
@@ -512,7 +526,9 @@ def train(cfg: TrainConfig):
             zscore_alpha=cfg.zscore_alpha,
         )
     autocast = accelerator.autocast  # previews run in the training precision too
-    if cfg.cache_targets and encoders:
+    if disk_targets is not None:
+        targets = None  # the tokens come with each batch (IndexedDataset)
+    elif cfg.cache_targets and encoders:
         targets = TargetCache(encoders)
     elif encoders:
         targets = lambda indices, images: [fn(images) for fn in encode]  # noqa: E731
