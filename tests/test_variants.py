@@ -413,3 +413,79 @@ def test_reg_ode_integrates_image_and_class_token_jointly():
     # REG's rule: a scale <= 0 keeps the conditional class-token velocity, like 1.
     zero = euler_sampler(model, x0, y, num_steps=steps, cfg_scale=cfg, cls_cfg_scale=0.0, cls_latents=c0)
     torch.testing.assert_close(zero, plain)
+
+
+def test_reg_weights_rebuild_from_the_state_dict_alone(testdata):
+    ref, _ = reference(testdata, "reg")
+    kwargs = sample_ddp.sit_kwargs_from_state_dict(ref["state_dict"])
+    assert kwargs["cls_token_dim"] == 32 and kwargs["input_size"] == 8 and kwargs["z_dims"] == [32]
+    model = SiT(**kwargs, num_heads=4, encoder_depth=2).eval()
+    model.load_state_dict(ref["state_dict"], strict=True)
+    with torch.no_grad():
+        cls_v = model(ref["x"], ref["t"], ref["y"], cls_token=ref["cls_token"])[2]
+    torch.testing.assert_close(cls_v, ref["cls_v"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["sde", "ode"])
+def test_sample_ddp_samples_reg_checkpoints_with_the_class_token(tmp_path, mode):
+    """A REG checkpoint without recorded keywords is rebuilt from its weights, and sample_ddp equals the
+    sampler called directly, each sample's class-token noise drawn from its generator after the image's."""
+    import argparse
+
+    import numpy as np
+
+    from checkpoints import save_checkpoint
+    from samplers import euler_maruyama_sampler, euler_sampler
+
+    torch.manual_seed(0)
+    kwargs = dict(input_size=16, in_channels=3, num_classes=5, z_dims=[32], encoder_depth=2, cls_token_dim=32)
+    model = SiT_models["SiT-S/8"](**kwargs).eval()
+    for p in (model.final_layer.linear.weight, model.final_layer.linear_cls.weight):
+        torch.nn.init.normal_(p, std=0.05)  # non-trivial velocities for the image and the class token
+    for block in [*model.blocks, model.final_layer]:  # zero-initialised blocks would ignore the class token
+        torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.2)
+    config = {"model": "SiT-S/8", "pixel_space": True, "path_type": "linear", "encoder_depth": 2}
+    ckpt = {"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "steps": 1}
+    save_checkpoint(ckpt | {"args": argparse.Namespace(**config), "config": config}, tmp_path / "reg.pt")
+
+    def run(name, *extra):
+        argv = ["--ckpt", str(tmp_path / "reg.pt"), "--sample-dir", str(tmp_path / name), "--mode", mode]
+        argv += ["--num-fid-samples", "4", "--batch-size", "2", "--num-steps", "3", "--global-seed", "3"]
+        sample_ddp.main(argv + ["--cfg-scale", "2", *extra])
+        return np.load((tmp_path / name).with_suffix(".npz"))["arr_0"]
+
+    images = run("guided", "--cls-cfg-scale", "4")
+    labels = sample_ddp.sample_labels(4, 5, 3)
+    expected = []
+    for start in (0, 2):
+        gens = [torch.Generator().manual_seed(3 * 1_000_003 + i) for i in range(start, start + 2)]
+        noise = torch.stack([torch.randn(3, 16, 16, generator=g) for g in gens])
+        cls = torch.stack([torch.randn(32, generator=g) for g in gens])
+        y = torch.from_numpy(labels[start : start + 2])
+        common = dict(num_steps=3, cfg_scale=2.0, cls_cfg_scale=4.0, cls_latents=cls)
+        with torch.no_grad():
+            if mode == "sde":
+                expected.append(euler_maruyama_sampler(model, noise, y, generator=gens, **common))
+            else:
+                expected.append(euler_sampler(model, noise, y, **common))
+    expected = torch.cat(expected)
+    expected = torch.clamp(255.0 * ((expected + 1) / 2), 0, 255).permute(0, 2, 3, 1).to(torch.uint8).numpy()
+    assert np.array_equal(images, expected)
+    assert not np.array_equal(images, run("plain"))  # the class token's guidance reaches the pixels
+    manifest = __import__("json").loads((tmp_path / "guided" / "manifest.json").read_text())
+    assert manifest["cls_cfg_scale"] == 4.0
+
+
+def test_cls_cfg_scale_is_refused_for_models_without_a_class_token(tmp_path):
+    import argparse
+
+    from checkpoints import save_checkpoint
+
+    model = SiT_models["SiT-S/8"](input_size=16, in_channels=3, num_classes=5, z_dims=[])
+    config = {"model": "SiT-S/8", "pixel_space": True}
+    save_checkpoint({"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "steps": 1,
+                     "args": argparse.Namespace(**config), "config": config}, tmp_path / "c.pt")  # fmt: skip
+    with pytest.raises(ValueError, match="--cls-cfg-scale 1.5 applies to REG models only"):
+        sample_ddp.main(
+            ["--ckpt", str(tmp_path / "c.pt"), "--sample-dir", str(tmp_path / "s"), "--cls-cfg-scale", "1.5"]
+        )
