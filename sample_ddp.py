@@ -91,7 +91,7 @@ def sit_kwargs_from_state_dict(state_dict: dict) -> dict:
         class_dropout_prob=0.1,
         **projector_kwargs_from_state_dict(state_dict),
         qk_norm="blocks.0.attn.q_norm.weight" in state_dict,
-        cls_token_dim=cls_token_dim,
+        **({"cls_token_dim": cls_token_dim} if cls_token_dim else {}),  # REG SiTs only (DiT has no such keyword)
     )
 
 
