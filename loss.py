@@ -9,6 +9,12 @@ The objective (REPA, Eq. 8) is
 the second term aligning each projected token of the SiT with the frozen encoder's token of the clean
 image. Both terms are returned separately so training can log them. iREPA's spatial normalisation of the
 targets (`spnorm_method="zscore"`, see spatial_zscore) is a keyword of REPALoss, off by default.
+
+REG (Wu et al. 2025, Martinser/REG; `cls_coeff` > 0, its `--cls`) entangles the encoder's class token with
+the image: the class token c is noised with the image's t and noise of its own, x_t^c = alpha c + sigma eps_c,
+the model denoises it jointly, and its velocity error is added with weight cls_coeff:
+    L_REG = E ||v_theta - v||^2 + lambda * align([c; patches]) + cls_coeff * E ||v_theta^c - v^c||^2,
+the alignment running over the class token and the patch tokens alike, as REG's projection loss does.
 """
 
 import math
@@ -118,7 +124,8 @@ def spatial_zscore(feat, alpha=1.0, eps=1e-6):
 class LossTerms:
     denoising: torch.Tensor  # (N,) per-sample mean squared velocity error
     proj: torch.Tensor  # () alignment loss (0 when REPA is off)
-    total: torch.Tensor  # () denoising.mean() + proj_coeff * proj
+    total: torch.Tensor  # () denoising.mean() + proj_coeff * proj (+ cls_coeff * cls.mean() for REG)
+    cls: torch.Tensor | None = None  # REG: (N,) per-sample mean squared class-token velocity error
 
 
 @dataclass
@@ -131,27 +138,52 @@ class REPALoss:
     prediction: str = "v"
     spnorm_method: str = "none"  # iREPA: "zscore" normalises the encoder targets over space (spatial_zscore)
     zscore_alpha: float = 0.6  # iREPA's default: the fraction of the spatial mean removed
+    cls_coeff: float = 0.0  # REG's --cls: weight of the class-token velocity loss (REG: 0.03); > 0 = REG mode
 
     def __post_init__(self):
         if self.prediction != "v":
             raise ValueError(f"prediction {self.prediction!r} is not supported; REPA predicts the velocity ('v')")
         if self.spnorm_method not in SPNORM_METHODS:
             raise ValueError(f"unknown spnorm_method {self.spnorm_method!r}; choose one of {SPNORM_METHODS}")
+        if self.cls_coeff < 0:
+            raise ValueError(f"cls_coeff (REG's --cls) must be >= 0, got {self.cls_coeff}")
+        if self.cls_coeff > 0 and self.spnorm_method != "none":
+            raise ValueError(
+                "REG (cls_coeff > 0) aligns [class token; patch tokens]; iREPA's spatial z-score is defined over "
+                "the patch grid only, so the two are not combined"
+            )
         self.interpolant = Interpolant(self.path_type)
         sample_time(1, self.weighting, self.path_type)  # validates weighting early
 
     def __call__(self, model, x, y, zs_target=(), generator=None):
-        """x: (N, C, H, W) clean latents; y: (N,) labels; zs_target: list of (N, T, D_k) encoder tokens."""
+        """x: (N, C, H, W) clean latents; y: (N,) labels; zs_target: list of (N, T, D_k) encoder tokens.
+
+        REG (cls_coeff > 0): each target is (N, 1 + T, D_k), the encoder's class token first
+        (FrozenEncoder.encode(..., class_token=True)); the first encoder's class token is the one denoised.
+        """
         t = sample_time(x.shape[0], self.weighting, self.path_type, x.device, generator).to(x.dtype)
         noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         x_t, v_target = self.interpolant.interpolate(x, noise, t.view(-1, 1, 1, 1))
-        v_pred, zs_pred = model(x_t, t, y)
+        if self.cls_coeff > 0:
+            if not zs_target:
+                raise ValueError("REG (cls_coeff > 0) needs an encoder target: its class token is denoised")
+            cls_token = zs_target[0][:, 0].to(x.dtype)  # (N, D_0)
+            cls_noise = torch.randn(cls_token.shape, device=x.device, dtype=x.dtype, generator=generator)
+            cls_t, cls_v_target = self.interpolant.interpolate(cls_token, cls_noise, t.view(-1, 1))
+            v_pred, zs_pred, cls_v_pred = model(x_t, t, y, cls_token=cls_t)
+            cls_loss = (cls_v_pred.float() - cls_v_target.float()).pow(2).mean(dim=1)  # (N,)
+        else:
+            v_pred, zs_pred = model(x_t, t, y)
+            cls_loss = None
         denoising = (v_pred.float() - v_target.float()).pow(2).mean(dim=(1, 2, 3))
         if zs_target and self.proj_coeff != 0:
             proj = alignment_loss(zs_pred, self.normalize_targets(zs_target))
         else:
             proj = torch.zeros((), device=x.device)
-        return LossTerms(denoising=denoising, proj=proj, total=denoising.mean() + self.proj_coeff * proj)
+        total = denoising.mean() + self.proj_coeff * proj
+        if cls_loss is not None:
+            total = total + self.cls_coeff * cls_loss.mean()
+        return LossTerms(denoising=denoising, proj=proj, total=total, cls=cls_loss)
 
     def normalize_targets(self, zs_target):
         """The encoder targets as the alignment sees them: as given, or spatially z-scored (iREPA), in float32."""

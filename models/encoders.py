@@ -493,13 +493,26 @@ class FrozenEncoder(nn.Module):
         # Frozen means no dropout / drop-path either: stay in eval whatever a training loop asks.
         return super().train(False)
 
+    @property
+    def has_class_token(self) -> bool:
+        """Whether the encoder has a class token (sequence position 0): DINOv1/v2/v3, MoCo v3, CLIP, MAE and
+        timm ViTs built with one do; I-JEPA and SigLIP 2 (average / attention-pooled heads) do not."""
+        return self.spec.num_prefix_tokens > 0 and getattr(self.model, "cls_token", None) is not None
+
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, class_token: bool = False) -> torch.Tensor:
         """(N, 3, S, S) uint8 clean images -> (N, grid**2, embed_dim) patch tokens.
 
         S is the training resolution in the paper's runs (S = R); other sizes are resized to the encoder
         input like /14 ones are. Runs in the caller's autocast context (the training precision).
+        `class_token=True` (REG) puts the class token in front: (N, 1 + grid**2, embed_dim), normalised by
+        the final norm like the patch tokens (DINOv2's x_norm_clstoken), registers still dropped.
         """
+        if class_token and not self.has_class_token:
+            raise ValueError(
+                f"{self.spec.name} has no class token, which REG (--cls > 0) entangles with the image; use an "
+                "encoder with one (DINOv2, DINOv1, DINOv3, MoCo v3, CLIP, MAE)"
+            )
         if images.dtype != torch.uint8:
             raise TypeError(
                 f"{self.spec.name}.encode expects the clean uint8 image batch (0..255), got {images.dtype}; "
@@ -515,11 +528,12 @@ class FrozenEncoder(nn.Module):
             # /14 encoders: 256 -> 224 (512 -> 448), bicubic without antialiasing as in REPA. Normalizing
             # before or after is the same: bicubic weights sum to 1, so a per-channel affine map commutes.
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False)
-        tokens = self.model.forward_features(x)  # (N, prefix + grid**2, D)
-        return tokens[:, self.spec.num_prefix_tokens :]
+        tokens = self.model.forward_features(x)  # (N, prefix + grid**2, D), the class token first
+        patches = tokens[:, self.spec.num_prefix_tokens :]
+        return torch.cat([tokens[:, :1], patches], dim=1) if class_token else patches
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encode(images)
+    def forward(self, images: torch.Tensor, class_token: bool = False) -> torch.Tensor:
+        return self.encode(images, class_token=class_token)
 
     @property
     def num_params(self) -> int:

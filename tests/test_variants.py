@@ -489,3 +489,81 @@ def test_cls_cfg_scale_is_refused_for_models_without_a_class_token(tmp_path):
         sample_ddp.main(
             ["--ckpt", str(tmp_path / "c.pt"), "--sample-dir", str(tmp_path / "s"), "--cls-cfg-scale", "1.5"]
         )
+
+
+#################################################################################
+#                      REG training: class tokens, loss, resume                 #
+#################################################################################
+
+# Families with a class token (sequence position 0); I-JEPA (average pooling) and SigLIP 2 (attention
+# pooling head) have none.
+WITHOUT_CLASS_TOKEN = ("jepa-vit-h", "siglip2-vit-b", "siglip2-vit-l", "siglip2-vit-so400m")
+
+
+@pytest.mark.parametrize("name", sorted(__import__("models.encoders", fromlist=["ENCODERS"]).ENCODERS))
+def test_every_encoder_family_says_whether_it_has_a_class_token(name):
+    import dataclasses
+
+    from models.encoders import ENCODERS, build_encoder
+
+    spec = dataclasses.replace(ENCODERS[name], timm_kwargs={**ENCODERS[name].timm_kwargs, "depth": 1})
+    encoder = build_encoder(spec, "meta", 256, enc_weights="random")
+    images = torch.empty(2, 3, 256, 256, dtype=torch.uint8, device="meta")
+    if name in WITHOUT_CLASS_TOKEN:
+        assert not encoder.has_class_token
+        with pytest.raises(ValueError, match="has no class token"):
+            encoder.encode(images, class_token=True)
+    else:
+        assert encoder.has_class_token
+        assert tuple(encoder.encode(images, class_token=True).shape) == (2, 1 + 256, spec.embed_dim)
+
+
+@pytest.mark.parametrize("name", ["dinov2-vit-s", "dinov2reg-vit-s"])
+def test_class_token_is_the_normalised_first_token_in_front_of_the_patches(name):
+    """DINOv2's x_norm_clstoken: the final norm's output at position 0; registers stay dropped."""
+    from models.encoders import ENCODERS, build_encoder
+
+    torch.manual_seed(0)
+    encoder = build_encoder(ENCODERS[name], "cpu", 64, enc_weights="random")
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with_cls, patches = encoder.encode(images, class_token=True), encoder.encode(images)
+    assert with_cls.shape == (2, 1 + 16, 384)
+    torch.testing.assert_close(with_cls[:, 1:], patches, rtol=0, atol=0)
+    x = torch.nn.functional.interpolate(
+        (images.float() / 255 - encoder.mean) / encoder.std, size=56, mode="bicubic", align_corners=False
+    )
+    blocks_out = encoder.model.blocks(encoder.model._pos_embed(encoder.model.patch_embed(x)))
+    torch.testing.assert_close(with_cls[:, 0], encoder.model.norm(blocks_out)[:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_reg_loss_equals_a_direct_restatement():
+    """REG's objective written out: the class token noised with the image's t and its own noise (drawn after
+    the image's), its velocity error weighted by cls, the alignment over [class token; patches]."""
+    torch.manual_seed(0)
+    model = SiT(**TINY, z_dims=[6, 5], encoder_depth=1, projector_dim=16, cls_token_dim=6)
+    for p in (model.final_layer.linear_cls.weight, model.final_layer.adaLN_modulation[-1].weight):
+        torch.nn.init.normal_(p, std=0.1)  # non-zero class-token velocity
+    x, _, y = inputs()
+    targets = [torch.randn(2, 17, 6), torch.randn(2, 17, 5)]  # [class token; 16 patch tokens] per encoder
+    terms = REPALoss(proj_coeff=0.5, cls_coeff=0.03)(model, x, y, targets, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    t = torch.rand(2, generator=g)
+    noise, cls_noise = torch.randn(x.shape, generator=g), torch.randn(2, 6, generator=g)
+    c = targets[0][:, 0]
+    tt = t.view(-1, 1, 1, 1)
+    with torch.no_grad():
+        v, zs, cls_v = model((1 - tt) * x + tt * noise, t, y, cls_token=(1 - t[:, None]) * c + t[:, None] * cls_noise)
+    denoising = ((v - (noise - x)) ** 2).mean(dim=(1, 2, 3))
+    cls_loss = ((cls_v - (cls_noise - c)) ** 2).mean(dim=1)
+    cos = [torch.nn.functional.cosine_similarity(z, zt, dim=-1).mean() for z, zt in zip(zs, targets)]
+    proj = -(cos[0] + cos[1]) / 2
+    torch.testing.assert_close(terms.denoising, denoising)
+    torch.testing.assert_close(terms.cls, cls_loss)
+    torch.testing.assert_close(terms.proj, proj)
+    torch.testing.assert_close(terms.total, denoising.mean() + 0.5 * proj + 0.03 * cls_loss.mean())
+    assert cls_loss.min() > 1e-3 and zs[0].shape == (2, 17, 6)
+    # REG and iREPA's z-score are not combined; a negative weight is refused.
+    with pytest.raises(ValueError, match="z-score"):
+        REPALoss(cls_coeff=0.03, spnorm_method="zscore")
+    with pytest.raises(ValueError, match="cls_coeff"):
+        REPALoss(cls_coeff=-1.0)
