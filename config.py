@@ -53,8 +53,8 @@ class TrainConfig:
     proj_kwargs_kernel_size: int = 1  # conv kernel, 1 | 3 | 5 | 7 (iREPA: 3)
     spnorm_method: str = "none"  # none | zscore: spatial z-score of the encoder targets (iREPA: zscore)
     zscore_alpha: float = 0.6  # fraction of the spatial mean the z-score removes (iREPA's default)
-    # --- REG (Wu et al. 2025): the model exists (SiT cls_token_dim), its training loss does not yet ---------
-    cls: float = 0.0  # REG's --cls, weight of the class-token velocity loss (REG: 0.03); > 0 is refused for now
+    # --- REG (Wu et al. 2025): the encoder's class token is denoised with the image ---------------------
+    cls: float = 0.0  # REG's --cls: weight of the class-token velocity loss (REG: 0.03); > 0 turns REG on
     # --- objective -----------------------------------------------------------------------------------
     path_type: str = "linear"  # linear | cosine
     prediction: str = "v"
@@ -132,6 +132,17 @@ class TrainConfig:
         if self.proj_kwargs_kernel_size not in (1, 3, 5, 7):  # iREPA's choices: odd, so the grid keeps its size
             raise ValueError(
                 f"config key 'proj_kwargs_kernel_size': {self.proj_kwargs_kernel_size} is not 1, 3, 5 or 7"
+            )
+        if self.cls < 0:
+            raise ValueError(f"config key 'cls' (--cls): {self.cls} must be >= 0")
+        if self.cls > 0 and not self.encoder_names:
+            raise ValueError(
+                f"config key 'cls' (--cls): {self.cls} (REG) needs an encoder's class token; --enc-type is none"
+            )
+        if self.cls > 0 and self.spnorm_method != "none":
+            raise ValueError(
+                "config keys 'cls' and 'spnorm_method': REG aligns [class token; patches], iREPA's "
+                "z-score is defined over the patch grid; use one or the other"
             )
         if not 0 <= self.cfg_prob < 1:
             raise ValueError(f"config key 'cfg_prob': {self.cfg_prob} must lie in [0, 1)")

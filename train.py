@@ -99,14 +99,14 @@ class TargetCache:
     A resumed run refills the cache in other batch compositions, so it is exact only to float rounding.
     """
 
-    def __init__(self, encoders):
-        self.encoders, self.store = encoders, {}
+    def __init__(self, encoders, class_token=False):
+        self.encoders, self.store, self.class_token = encoders, {}, class_token
 
     def __call__(self, indices, images):
         keys = indices.tolist()
         missing = [i for i, k in enumerate(keys) if k not in self.store]
         if missing:
-            fresh = [enc.encode(images[missing]) for enc in self.encoders]  # each (M, T, D)
+            fresh = [enc.encode(images[missing], class_token=self.class_token) for enc in self.encoders]  # (M, T, D)
             for j, i in enumerate(missing):
                 self.store[keys[i]] = [tokens[j] for tokens in fresh]
         return [torch.stack([self.store[k][e] for k in keys]) for e in range(len(self.encoders))]
@@ -266,8 +266,11 @@ def train(cfg: TrainConfig):
         raise ValueError(f"--model {cfg.model!r} is unknown; choose one of {', '.join(MODELS)}")
     is_dit = cfg.model in DiT_models
     use_repa = cfg.proj_coeff > 0 and bool(cfg.encoder_names)
+    use_reg = cfg.cls > 0  # REG: the first encoder's class token is denoised with the image (loss.py)
+    if use_reg and is_dit:
+        raise ValueError(f"--cls {cfg.cls} (REG) is implemented for SiT models only, not --model {cfg.model}")
     encoders = []
-    if use_repa:
+    if use_repa or use_reg:
         # The encoder's token grid must equal the SiT's: at 256 px, 32x32 latents / patch 2 = 16x16, which
         # the encoders give at their "256 px" setting (grid = resolution / 16). Deriving the encoder setting
         # from the SiT grid keeps that true for pixel-space runs too (the demo: 32 px / patch 4 -> 8x8).
@@ -292,6 +295,7 @@ def train(cfg: TrainConfig):
         fused_attn=cfg.fused_attn,
         projection_layer_type=cfg.projection_layer_type,
         proj_kwargs_kernel_size=cfg.proj_kwargs_kernel_size,
+        **({"cls_token_dim": encoders[0].embed_dim} if use_reg else {}),  # REG: the class token's width
     )
     model = MODELS[cfg.model](**model_kwargs).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -370,9 +374,10 @@ def train(cfg: TrainConfig):
             proj_coeff=cfg.proj_coeff,
             spnorm_method=cfg.spnorm_method,
             zscore_alpha=cfg.zscore_alpha,
+            cls_coeff=cfg.cls,
         )
     autocast = accelerator.autocast  # encoders run in the training precision too
-    cache = TargetCache(encoders) if cfg.cache_targets and encoders else None
+    cache = TargetCache(encoders, class_token=use_reg) if cfg.cache_targets and encoders else None
 
     # Previews: the same noise and labels every time, sampled from the EMA weights.
     decode = load_preview_decoder(cfg, device, log) if is_main and cfg.sampling_steps > 0 else None
@@ -380,11 +385,18 @@ def train(cfg: TrainConfig):
     n_preview = 16
     preview_noise = torch.randn((n_preview, in_channels, input_side, input_side), generator=preview_gen).to(device)
     preview_labels = (torch.arange(n_preview) % cfg.num_classes).to(device)
+    preview_extra = {}  # REG: the class token's initial noise, fixed like the image's
+    if use_reg:
+        preview_extra["cls_latents"] = torch.randn(
+            (n_preview, model_kwargs["cls_token_dim"]), generator=preview_gen
+        ).to(device)
 
     if accelerator.trackers:
         accelerator.init_trackers(cfg.exp_name, config=cfg.to_dict())
     stats_path = run_dir / "stats.jsonl"
-    new_window = lambda: dict(loss=0.0, proj_loss=0.0, grad_norm=0.0, micro=0, opt_steps=0, start=time.time())
+    new_window = lambda: dict(
+        loss=0.0, proj_loss=0.0, cls_loss=0.0, grad_norm=0.0, micro=0, opt_steps=0, start=time.time()
+    )
     window = new_window()  # sums over the current logging interval
     data_iter = iter(loader)
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
@@ -404,7 +416,7 @@ def train(cfg: TrainConfig):
                 drop = torch.rand(labels.shape[0], device=device) < cfg.cfg_prob
                 labels = torch.where(drop, cfg.num_classes, labels)
             with torch.no_grad(), autocast():
-                zs_target = cache(indices, images) if cache else [enc.encode(images) for enc in encoders]
+                zs_target = cache(indices, images) if cache else [enc.encode(images, use_reg) for enc in encoders]
             with accelerator.accumulate(model), autocast():
                 terms = loss_fn(model, x, labels, zs_target)
                 finite = torch.isfinite(terms.total.detach()).float()
@@ -423,6 +435,7 @@ def train(cfg: TrainConfig):
             if finite:
                 window["loss"] += terms.denoising.mean().item()
                 window["proj_loss"] += terms.proj.item()
+                window["cls_loss"] += terms.cls.mean().item() if terms.cls is not None else 0.0
                 window["micro"] += 1
 
         if not step_finite:
@@ -445,7 +458,9 @@ def train(cfg: TrainConfig):
         # ---- logging: means over the window, all ranks ----
         if step % cfg.log_every == 0 or step == total_steps:
             sums = torch.tensor(
-                [window["loss"], window["proj_loss"], window["micro"]], device=device, dtype=torch.float64
+                [window["loss"], window["proj_loss"], window["micro"], window["cls_loss"]],
+                device=device,
+                dtype=torch.float64,
             )
             sums = accelerator.reduce(sums, reduction="sum")
             elapsed = time.time() - window["start"]
@@ -460,6 +475,8 @@ def train(cfg: TrainConfig):
                 "peak_mem_gib": peak_memory_gib(device),
                 "nonfinite_steps": nonfinite_steps,
             }
+            if use_reg:  # REG's class-token velocity loss (unweighted), logged like REG's loss_mean_cls / cls
+                stats["cls_loss"] = (sums[3] / sums[2].clamp(min=1)).item()
             if is_main:
                 with stats_path.open("a") as f:
                     f.write(json.dumps(stats) + "\n")
@@ -482,7 +499,7 @@ def train(cfg: TrainConfig):
                     if is_dit:
                         z = ddim_sampler(ema, preview_noise, preview_labels, **common)
                     else:
-                        z = euler_sampler(ema, preview_noise, preview_labels, heun=True, path_type=cfg.path_type, **common)  # fmt: skip
+                        z = euler_sampler(ema, preview_noise, preview_labels, heun=True, path_type=cfg.path_type, **common, **preview_extra)  # fmt: skip
                     images_out = decode(z.float()).clamp(0, 1)
                 save_image(images_out.float(), run_dir / "samples" / f"{step:07d}.png", nrow=int(math.sqrt(n_preview)))
             accelerator.wait_for_everyone()
@@ -517,8 +534,6 @@ def train(cfg: TrainConfig):
 
 def main(argv=None):
     cfg = parse_config(argv)
-    if cfg.cls > 0:  # REG's model exists (models/sit.py, cls_token_dim); its loss and sampler do not yet
-        raise NotImplementedError("--cls: REG training is not implemented yet (configs/variants/reg-*.yaml)")
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
         # accelerate would drop an unavailable tracker with a warning; a run that logs nowhere is worse.
         raise ModuleNotFoundError(f"--report-to {cfg.report_to} needs the package: pip install {cfg.report_to}")

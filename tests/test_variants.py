@@ -339,12 +339,14 @@ def test_irepa_configs_build_their_projector(name):
     assert model.projectors[0].projection_layer.weight.shape[-2:] == (3, 3)
 
 
-def test_reg_config_is_refused_until_reg_trains():
-    import train
-
-    assert load_yaml_config(VARIANTS / "reg-sit-xl-2_dinov2-b.yaml").cls == 0.03
-    with pytest.raises(NotImplementedError, match="REG"):
-        train.main(["--config", str(VARIANTS / "reg-sit-xl-2_dinov2-b.yaml")])
+def test_reg_config_and_flag_checks():
+    cfg = load_yaml_config(VARIANTS / "reg-sit-xl-2_dinov2-b.yaml")
+    assert (cfg.cls, cfg.proj_coeff, cfg.encoder_depth, cfg.enc_type) == (0.03, 0.5, 8, "dinov2-vit-b")
+    assert parse_config([]).cls == 0.0  # REG is off by default
+    for argv, message in [(["--cls", "-0.1"], "must be >= 0"), (["--cls", "0.03", "--enc-type", "none"], "class token"),
+                          (["--cls", "0.03", "--spnorm-method", "zscore"], "z-score")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            parse_config(argv)
 
 
 #################################################################################
@@ -567,3 +569,34 @@ def test_reg_loss_equals_a_direct_restatement():
         REPALoss(cls_coeff=0.03, spnorm_method="zscore")
     with pytest.raises(ValueError, match="cls_coeff"):
         REPALoss(cls_coeff=-1.0)
+
+
+def test_reg_trains_resumes_exactly_and_its_checkpoint_samples(demo_data, tmp_path):
+    """A few REG steps (--cls): the class-token head learns, model_kwargs carry cls_token_dim, stats log the
+    class-token loss, N straight steps equal N/2 + resume + N/2 bit for bit, and sample_ddp rebuilds it."""
+    import json
+
+    from tests.test_train import run_train, tiny_argv
+
+    def argv(out, steps):
+        return tiny_argv(demo_data, out, max_train_steps=steps, checkpointing_steps=2, sampling_steps=4) + [
+            "--cls",
+            "0.5",
+        ]
+
+    run_train(argv(tmp_path / "straight", 4))
+    run_train(argv(tmp_path / "split", 2))
+    run_train(argv(tmp_path / "split", 4))
+    a, b = (load_checkpoint(tmp_path / d / "run" / "checkpoints" / "0000004.pt") for d in ("straight", "split"))
+    for key in ("model", "ema"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
+    assert a["model_kwargs"]["cls_token_dim"] == 384  # dinov2-vit-s's class token
+    first = load_checkpoint(tmp_path / "straight" / "run" / "checkpoints" / "0000002.pt")
+    for key in ("final_layer.linear_cls.weight", "cls_projectors2.weight"):  # both ends of the class token train
+        assert not torch.equal(a["model"][key], first["model"][key]), key
+    stats = [json.loads(line) for line in (tmp_path / "straight" / "run" / "stats.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in stats] == [1, 2, 3, 4] and all(s["cls_loss"] > 0 for s in stats)
+    assert (tmp_path / "straight" / "run" / "samples" / "0000004.png").exists()  # REG previews
+    model, settings = sample_ddp.load_model(tmp_path / "straight" / "run" / "checkpoints" / "0000004.pt")
+    assert model.cls_token_dim == 384 and settings["cls_token_dim"] == 384
