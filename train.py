@@ -267,10 +267,11 @@ def train(cfg: TrainConfig):
     is_dit = cfg.model in DiT_models
     use_repa = cfg.proj_coeff > 0 and bool(cfg.encoder_names)
     use_reg = cfg.cls > 0  # REG: the first encoder's class token is denoised with the image (loss.py)
-    if use_reg and is_dit:
-        raise ValueError(f"--cls {cfg.cls} (REG) is implemented for SiT models only, not --model {cfg.model}")
+    use_attn = cfg.attn_coeff > 0  # HASTE: the first encoder's attention maps are targets of the SiT's
+    if (use_reg or use_attn) and is_dit:
+        raise ValueError(f"--cls / --attn-coeff (REG, HASTE) are implemented for SiT models only, not {cfg.model}")
     encoders = []
-    if use_repa or use_reg:
+    if use_repa or use_reg or use_attn:
         # The encoder's token grid must equal the SiT's: at 256 px, 32x32 latents / patch 2 = 16x16, which
         # the encoders give at their "256 px" setting (grid = resolution / 16). Deriving the encoder setting
         # from the SiT grid keeps that true for pixel-space runs too (the demo: 32 px / patch 4 -> 8x8).
@@ -299,6 +300,9 @@ def train(cfg: TrainConfig):
     )
     model = MODELS[cfg.model](**model_kwargs).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
+    attn_pairs = cfg.attention_layer_pairs if use_attn else []  # HASTE: (SiT block, encoder block), 1-based
+    if use_attn:
+        model.record_attention([sit for sit, _ in attn_pairs])  # those blocks compute explicit, kept logits
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=cfg.learning_rate,
@@ -375,6 +379,7 @@ def train(cfg: TrainConfig):
             spnorm_method=cfg.spnorm_method,
             zscore_alpha=cfg.zscore_alpha,
             cls_coeff=cfg.cls,
+            attn_coeff=cfg.attn_coeff,
         )
     autocast = accelerator.autocast  # encoders run in the training precision too
     cache = TargetCache(encoders, class_token=use_reg) if cfg.cache_targets and encoders else None
@@ -395,7 +400,7 @@ def train(cfg: TrainConfig):
         accelerator.init_trackers(cfg.exp_name, config=cfg.to_dict())
     stats_path = run_dir / "stats.jsonl"
     new_window = lambda: dict(
-        loss=0.0, proj_loss=0.0, cls_loss=0.0, grad_norm=0.0, micro=0, opt_steps=0, start=time.time()
+        loss=0.0, proj_loss=0.0, cls_loss=0.0, attn_loss=0.0, grad_norm=0.0, micro=0, opt_steps=0, start=time.time()
     )
     window = new_window()  # sums over the current logging interval
     data_iter = iter(loader)
@@ -403,6 +408,12 @@ def train(cfg: TrainConfig):
     model.train()
 
     while step < total_steps:
+        # HASTE's one-shot termination: from --early-stop-point on, no alignment loss and no encoder forward.
+        # A function of the step alone, so a resume on either side of it continues exactly.
+        aligning = cfg.early_stop_point == 0 or step < cfg.early_stop_point
+        if use_attn and not aligning and raw_model.blocks[attn_pairs[0][0] - 1].attn.record_logits:
+            raw_model.record_attention(())  # every block back on the fused kernel
+            log(f"step {step}: --early-stop-point {cfg.early_stop_point} reached, alignment off, encoder stopped")
         # ---- one optimizer step over gradient_accumulation_steps micro-batches ----
         step_finite = True
         for _ in range(cfg.gradient_accumulation_steps):
@@ -415,10 +426,18 @@ def train(cfg: TrainConfig):
                 # so the effective rate is 1 - (1 - p)^2 (0.19 for p = 0.1). Only to reproduce early runs.
                 drop = torch.rand(labels.shape[0], device=device) < cfg.cfg_prob
                 labels = torch.where(drop, cfg.num_classes, labels)
+            zs_target, targets = [], {}  # no targets after HASTE's early stop
             with torch.no_grad(), autocast():
-                zs_target = cache(indices, images) if cache else [enc.encode(images, use_reg) for enc in encoders]
+                if use_attn and aligning:  # HASTE: the first encoder also gives its attention maps
+                    first, attn = encoders[0].encode_with_attention(images, [e for _, e in attn_pairs], use_reg)
+                    zs_target, targets = (
+                        [first] + [enc.encode(images, use_reg) for enc in encoders[1:]],
+                        {"attn_target": attn},
+                    )
+                elif aligning:
+                    zs_target = cache(indices, images) if cache else [enc.encode(images, use_reg) for enc in encoders]
             with accelerator.accumulate(model), autocast():
-                terms = loss_fn(model, x, labels, zs_target)
+                terms = loss_fn(model, x, labels, zs_target, **targets)
                 finite = torch.isfinite(terms.total.detach()).float()
                 finite = bool(accelerator.reduce(finite, reduction="sum") == world)  # all ranks agree
                 step_finite = step_finite and finite
@@ -436,6 +455,7 @@ def train(cfg: TrainConfig):
                 window["loss"] += terms.denoising.mean().item()
                 window["proj_loss"] += terms.proj.item()
                 window["cls_loss"] += terms.cls.mean().item() if terms.cls is not None else 0.0
+                window["attn_loss"] += terms.attn.item() if terms.attn is not None else 0.0
                 window["micro"] += 1
 
         if not step_finite:
@@ -458,7 +478,7 @@ def train(cfg: TrainConfig):
         # ---- logging: means over the window, all ranks ----
         if step % cfg.log_every == 0 or step == total_steps:
             sums = torch.tensor(
-                [window["loss"], window["proj_loss"], window["micro"], window["cls_loss"]],
+                [window["loss"], window["proj_loss"], window["micro"], window["cls_loss"], window["attn_loss"]],
                 device=device,
                 dtype=torch.float64,
             )
@@ -477,6 +497,8 @@ def train(cfg: TrainConfig):
             }
             if use_reg:  # REG's class-token velocity loss (unweighted), logged like REG's loss_mean_cls / cls
                 stats["cls_loss"] = (sums[3] / sums[2].clamp(min=1)).item()
+            if use_attn:  # HASTE's attention alignment cross-entropy (unweighted); 0 after the early stop
+                stats["attn_loss"] = (sums[4] / sums[2].clamp(min=1)).item()
             if is_main:
                 with stats_path.open("a") as f:
                     f.write(json.dumps(stats) + "\n")

@@ -535,6 +535,53 @@ class FrozenEncoder(nn.Module):
     def forward(self, images: torch.Tensor, class_token: bool = False) -> torch.Tensor:
         return self.encode(images, class_token=class_token)
 
+    @torch.no_grad()
+    def encode_with_attention(
+        self, images: torch.Tensor, layers: Sequence[int], class_token: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`encode` plus HASTE's attention targets: for each 1-based block in `layers`, the attention
+        distributions among the patch tokens, (N, heads, grid**2, grid**2) in float32, rows summing to 1.
+
+        The distributions come from forward hooks on the blocks' `qkv` linears (q k^T / sqrt(head_dim) after the
+        blocks' q/k norms), restricted to patch queries and keys and renormalised: softmax over the patch
+        logits alone, which equals the full attention row without the class and register tokens, renormalised.
+        No patched copy of the encoder is needed, and its own attention keeps its fused kernel.
+        """
+        blocks = getattr(self.model, "blocks", None)
+        if type(self.model).__name__ != "VisionTransformer" or blocks is None:
+            raise ValueError(
+                f"{self.spec.name}: attention alignment reads plain timm ViT attention (DINOv2, DINOv1, MoCo v3, "
+                f"CLIP, MAE); {type(self.model).__name__} (RoPE or pooled heads) is not supported"
+            )
+        bad = [layer for layer in layers if not 1 <= layer <= len(blocks)]
+        if bad:
+            raise ValueError(f"{self.spec.name} has blocks 1..{len(blocks)}; attention layers {bad} do not exist")
+        prefix, captured, handles = self.spec.num_prefix_tokens, [], []
+
+        def capture(attn):
+            def hook(module, inputs, qkv):  # qkv: (N, T, 3 D)
+                N, T, _ = qkv.shape
+                q, k, _ = qkv.float().reshape(N, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+                q, k = attn.q_norm(q.to(qkv.dtype)).float(), attn.k_norm(k.to(qkv.dtype)).float()
+                q, k = q[:, :, prefix:], k[:, :, prefix:]  # patch tokens only: (N, heads, grid**2, head_dim)
+                captured.append((q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1))
+
+            return hook
+
+        try:
+            for layer in layers:
+                attn = blocks[layer - 1].attn
+                handles.append(attn.qkv.register_forward_hook(capture(attn)))
+            tokens = self.encode(images, class_token=class_token)
+        finally:
+            for handle in handles:
+                handle.remove()
+        order = sorted(range(len(layers)), key=lambda i: layers[i])  # hooks fire in block order
+        probs = [None] * len(layers)
+        for position, i in enumerate(order):
+            probs[i] = captured[position]
+        return tokens, probs
+
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

@@ -600,3 +600,142 @@ def test_reg_trains_resumes_exactly_and_its_checkpoint_samples(demo_data, tmp_pa
     assert (tmp_path / "straight" / "run" / "samples" / "0000004.png").exists()  # REG previews
     model, settings = sample_ddp.load_model(tmp_path / "straight" / "run" / "checkpoints" / "0000004.pt")
     assert model.cls_token_dim == 384 and settings["cls_token_dim"] == 384
+
+
+#################################################################################
+#                 HASTE: attention alignment and early stop                     #
+#################################################################################
+
+
+def test_attention_alignment_closed_forms():
+    """Identical distributions give the teacher's entropy (the minimum); a permuted head order changes it."""
+    from loss import attention_alignment_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 5, 5) * 2
+    p = logits.softmax(dim=-1)
+    entropy = -(p * p.log()).sum(dim=-1).mean()
+    torch.testing.assert_close(attention_alignment_loss([logits], [p]), entropy)
+    # Logits are defined up to a constant per row: shifting them changes nothing.
+    torch.testing.assert_close(attention_alignment_loss([logits + 3.0], [p]), entropy)
+    permuted = attention_alignment_loss([logits[:, [1, 2, 0]]], [p])
+    assert permuted > entropy + 0.1
+    # Extra student heads are left free; its class token (REG) is dropped from queries and keys.
+    extra = torch.cat([logits, torch.randn(2, 2, 5, 5)], dim=1)
+    torch.testing.assert_close(attention_alignment_loss([extra], [p]), entropy)
+    with_cls = torch.randn(2, 3, 6, 6)
+    with_cls[:, :, 1:, 1:] = logits
+    torch.testing.assert_close(attention_alignment_loss([with_cls], [p], skip_tokens=1), entropy)
+    # A uniform student costs log T per row; two pairs are averaged.
+    uniform = torch.zeros(2, 3, 5, 5)
+    torch.testing.assert_close(attention_alignment_loss([uniform], [p]), torch.log(torch.tensor(5.0)))
+    both = attention_alignment_loss([logits, uniform], [p, p])
+    torch.testing.assert_close(both, (entropy + torch.log(torch.tensor(5.0))) / 2)
+    with pytest.raises(ValueError, match="heads"):
+        attention_alignment_loss([logits[:, :2]], [p])
+
+
+def test_encoder_attention_maps_come_from_hooks_on_the_unpatched_encoder():
+    """The hooked maps equal the attention computed by hand from the block's input, over patch tokens only."""
+    from models.encoders import ENCODERS, build_encoder
+
+    torch.manual_seed(0)
+    encoder = build_encoder(ENCODERS["dinov2reg-vit-s"], "cpu", 64, enc_weights="random")
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    inputs = {}
+    handle = encoder.model.blocks[2].norm1.register_forward_hook(lambda m, i, o: inputs.setdefault("x", o))
+    tokens, (maps, maps_last) = encoder.encode_with_attention(images, [3, 12])
+    handle.remove()
+    torch.testing.assert_close(tokens, encoder.encode(images), rtol=0, atol=0)  # same forward
+    attn = encoder.model.blocks[2].attn
+    N, T, D = inputs["x"].shape
+    q, k, _ = attn.qkv(inputs["x"]).reshape(N, T, 3, 6, D // 6).permute(2, 0, 3, 1, 4)
+    expected = (q[:, :, 5:] @ k[:, :, 5:].transpose(-2, -1) / (D // 6) ** 0.5).softmax(dim=-1)  # 1 CLS + 4 registers
+    assert maps.shape == maps_last.shape == (2, 6, 16, 16)
+    torch.testing.assert_close(maps, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(maps_last.sum(dim=-1), torch.ones(2, 6, 16), rtol=0, atol=1e-5)
+    assert not any(m._forward_hooks for m in encoder.model.modules())  # hooks removed
+    with pytest.raises(ValueError, match="blocks 1..12"):
+        encoder.encode_with_attention(images, [13])
+
+
+def test_sit_records_attention_logits_only_where_asked():
+    torch.manual_seed(0)
+    model = SiT(**TINY | dict(depth=3), z_dims=[6], encoder_depth=1, projector_dim=16)
+    for block in model.blocks:  # non-zero adaLN, so attention shapes the output
+        torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.1)
+    x, t, y = inputs()
+    with torch.no_grad():
+        fused = model(x, t, y)[0]
+        model.record_attention([2])
+        recorded = model(x, t, y)[0]
+    torch.testing.assert_close(recorded, fused, rtol=1e-5, atol=1e-6)  # same output, explicit softmax in block 2
+    assert [b.attn.record_logits for b in model.blocks] == [False, True, False]
+    (logits,) = model.attention_logits()
+    assert logits.shape == (2, 2, 16, 16)
+    model.record_attention(())
+    assert not any(b.attn.record_logits for b in model.blocks)
+    with pytest.raises(ValueError, match="blocks 1..3"):
+        model.record_attention([4])
+
+
+def test_haste_flags_and_default_pairing():
+    from config import HASTE_DEFAULT_ATTN_LAYERS
+
+    cfg = parse_config(["--attn-coeff", "0.5", "--early-stop-point", "250000"])
+    assert cfg.attention_layer_pairs == [(5, 9), (6, 10), (7, 11), (8, 12)]
+    assert ("SiT-XL/2", "dinov2-vit-b") in HASTE_DEFAULT_ATTN_LAYERS
+    assert parse_config(["--attn-coeff", "0.5", "--attn-align-layers", "2:3,4:6"]).attention_layer_pairs == [
+        (2, 3),
+        (4, 6),
+    ]
+    for argv, message in [
+        (["--attn-coeff", "0.5", "--model", "SiT-B/2"], "no default attention layer pairing"),
+        (["--attn-coeff", "0.5", "--attn-align-layers", "2-3"], "SIT_BLOCK:ENC_BLOCK"),
+        (["--attn-coeff", "0.5", "--cache-targets"], "not cached"),
+        (["--early-stop-point", "10", "--cls", "0.03"], "cannot stop"),
+        (["--attn-coeff", "-1"], ">= 0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_config(argv)
+
+
+def test_haste_early_stop_is_exact_across_resume_and_stops_the_encoder(demo_data, tmp_path, monkeypatch):
+    """Attention + feature alignment for 2 steps, then none: 4 straight steps equal 3 + resume + 1 (resumed
+    past the stop) and 1 + resume + 3 (resumed before it) bit for bit; the encoder runs only before the stop."""
+    import json
+
+    from models.encoders import FrozenEncoder
+    from tests.test_train import run_train, tiny_argv
+
+    calls = []
+    original = FrozenEncoder.encode_with_attention
+    monkeypatch.setattr(
+        FrozenEncoder, "encode_with_attention", lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    )
+
+    def argv(out, steps):
+        haste = ["--attn-coeff", "0.5", "--attn-align-layers", "2:11,3:12", "--early-stop-point", "2"]
+        return tiny_argv(demo_data, out, max_train_steps=steps, checkpointing_steps=1, num_heads=8) + haste
+
+    run_train(argv(tmp_path / "straight", 4))
+    assert len(calls) == 2  # steps 1 and 2 only: no encoder forward after the stop
+    run_train(argv(tmp_path / "late", 3))
+    run_train(argv(tmp_path / "late", 4))
+    run_train(argv(tmp_path / "early", 1))
+    run_train(argv(tmp_path / "early", 4))
+    final = {
+        d: load_checkpoint(tmp_path / d / "run" / "checkpoints" / "0000004.pt") for d in ("straight", "late", "early")
+    }
+    for other in ("late", "early"):
+        for key in ("model", "ema"):
+            for name, tensor in final["straight"][key].items():
+                assert torch.equal(tensor, final[other][key][name]), f"{other}: {key}.{name} differs after resume"
+    stats = [json.loads(line) for line in (tmp_path / "straight" / "run" / "stats.jsonl").read_text().splitlines()]
+    assert [s["attn_loss"] > 0 for s in stats] == [True, True, False, False]
+    assert [s["proj_loss"] != 0 for s in stats] == [True, True, False, False]
+    # The attention alignment trains the aligned blocks: with it off from the start, block 2 differs at step 2.
+    run_train(tiny_argv(demo_data, tmp_path / "repa", max_train_steps=2, checkpointing_steps=1, num_heads=8))
+    repa = load_checkpoint(tmp_path / "repa" / "run" / "checkpoints" / "0000002.pt")["model"]
+    haste = load_checkpoint(tmp_path / "straight" / "run" / "checkpoints" / "0000002.pt")["model"]
+    assert not torch.equal(repa["blocks.1.attn.qkv.weight"], haste["blocks.1.attn.qkv.weight"])
