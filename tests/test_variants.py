@@ -739,3 +739,14 @@ def test_haste_early_stop_is_exact_across_resume_and_stops_the_encoder(demo_data
     repa = load_checkpoint(tmp_path / "repa" / "run" / "checkpoints" / "0000002.pt")["model"]
     haste = load_checkpoint(tmp_path / "straight" / "run" / "checkpoints" / "0000002.pt")["model"]
     assert not torch.equal(repa["blocks.1.attn.qkv.weight"], haste["blocks.1.attn.qkv.weight"])
+
+
+def test_haste_config_builds_its_alignment():
+    cfg = load_yaml_config(VARIANTS / "haste-sit-xl-2_dinov2-b.yaml")
+    assert (cfg.attn_coeff, cfg.proj_coeff, cfg.early_stop_point, cfg.encoder_depth) == (0.5, 0.5, 250_000, 8)
+    assert (cfg.model, cfg.enc_type, cfg.max_train_steps) == ("SiT-XL/2", "dinov2-vit-b", 2_500_000)
+    pairs = cfg.attention_layer_pairs
+    with torch.device("meta"):
+        model = SiT_models[cfg.model](z_dims=[768], encoder_depth=cfg.encoder_depth)
+    model.record_attention([sit for sit, _ in pairs])  # the SiT-XL/2 blocks exist
+    assert all(1 <= enc <= 12 for _, enc in pairs) and model.num_heads >= 12  # DINOv2-B: 12 blocks, 12 heads
