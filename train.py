@@ -91,6 +91,11 @@ class IndexedDataset(torch.utils.data.Dataset):
         return (index, *self.dataset[index])
 
 
+def encode_targets(encoder, images, class_token=False):
+    """An encoder's alignment targets: its patch tokens, with its class token in front for REG."""
+    return encoder.encode(images, class_token=True) if class_token else encoder.encode(images)
+
+
 class TargetCache:
     """Encoder tokens per dataset item, computed the first time the item is drawn.
 
@@ -106,7 +111,7 @@ class TargetCache:
         keys = indices.tolist()
         missing = [i for i, k in enumerate(keys) if k not in self.store]
         if missing:
-            fresh = [enc.encode(images[missing], class_token=self.class_token) for enc in self.encoders]  # (M, T, D)
+            fresh = [encode_targets(enc, images[missing], self.class_token) for enc in self.encoders]  # (M, T, D)
             for j, i in enumerate(missing):
                 self.store[keys[i]] = [tokens[j] for tokens in fresh]
         return [torch.stack([self.store[k][e] for k in keys]) for e in range(len(self.encoders))]
@@ -406,13 +411,18 @@ def train(cfg: TrainConfig):
     data_iter = iter(loader)
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
     model.train()
+    alignment_stopped = False
 
     while step < total_steps:
         # HASTE's one-shot termination: from --early-stop-point on, no alignment loss and no encoder forward.
         # A function of the step alone, so a resume on either side of it continues exactly.
         aligning = cfg.early_stop_point == 0 or step < cfg.early_stop_point
-        if use_attn and not aligning and raw_model.blocks[attn_pairs[0][0] - 1].attn.record_logits:
-            raw_model.record_attention(())  # every block back on the fused kernel
+        if not aligning and encoders and not alignment_stopped:
+            alignment_stopped = True
+            if use_attn:
+                raw_model.record_attention(())  # every block back on the fused kernel
+            for enc in encoders:
+                enc.to("cpu")  # it never runs again in this run: free its accelerator memory
             log(f"step {step}: --early-stop-point {cfg.early_stop_point} reached, alignment off, encoder stopped")
         # ---- one optimizer step over gradient_accumulation_steps micro-batches ----
         step_finite = True
@@ -430,12 +440,12 @@ def train(cfg: TrainConfig):
             with torch.no_grad(), autocast():
                 if use_attn and aligning:  # HASTE: the first encoder also gives its attention maps
                     first, attn = encoders[0].encode_with_attention(images, [e for _, e in attn_pairs], use_reg)
-                    zs_target, targets = (
-                        [first] + [enc.encode(images, use_reg) for enc in encoders[1:]],
-                        {"attn_target": attn},
-                    )
+                    zs_target = [first] + [encode_targets(enc, images, use_reg) for enc in encoders[1:]]
+                    targets = {"attn_target": attn}
                 elif aligning:
-                    zs_target = cache(indices, images) if cache else [enc.encode(images, use_reg) for enc in encoders]
+                    zs_target = (
+                        cache(indices, images) if cache else [encode_targets(e, images, use_reg) for e in encoders]
+                    )
             with accelerator.accumulate(model), autocast():
                 terms = loss_fn(model, x, labels, zs_target, **targets)
                 finite = torch.isfinite(terms.total.detach()).float()

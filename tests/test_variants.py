@@ -750,3 +750,33 @@ def test_haste_config_builds_its_alignment():
         model = SiT_models[cfg.model](z_dims=[768], encoder_depth=cfg.encoder_depth)
     model.record_attention([sit for sit, _ in pairs])  # the SiT-XL/2 blocks exist
     assert all(1 <= enc <= 12 for _, enc in pairs) and model.num_heads >= 12  # DINOv2-B: 12 blocks, 12 heads
+
+
+def test_reg_sde_noise_is_drawn_per_sample_image_first_then_class_token():
+    """The SDE written out for a REG-shaped model: per step, each sample's generator gives its image increment,
+    then its class token's; the last step is the mean; the score of each comes from its own velocity."""
+    from loss import Interpolant
+    from samplers import euler_maruyama_sampler
+
+    model = _LinearREG()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 1, 2, 2, generator=g, dtype=torch.float64)
+    c0 = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    y, steps = torch.tensor([0, 2]), 4
+    gens = lambda: [torch.Generator().manual_seed(10 + i) for i in range(2)]  # noqa: E731
+    out = euler_maruyama_sampler(model, x0, y, num_steps=steps, generator=gens(), cls_latents=c0)
+    interp, ts = Interpolant("linear"), torch.cat([torch.linspace(1, 0.04, steps, dtype=torch.float64), torch.zeros(1)])
+    x, c, hand_gens = x0.clone(), c0.clone(), gens()
+    for i in range(steps):
+        t, dt = ts[i], ts[i + 1] - ts[i]
+        v, _, cv = model(x, None, y, c)
+        x_new = x + (v - t * interp.score_from_velocity(v, x, t)) * dt
+        c_new = c + (cv - t * interp.score_from_velocity(cv, c, t)) * dt
+        if i < steps - 1:
+            for n, gen in enumerate(hand_gens):
+                x_new[n] += (
+                    torch.sqrt(2 * t) * torch.sqrt(-dt) * torch.randn(1, 2, 2, generator=gen, dtype=torch.float64)
+                )
+                c_new[n] += torch.sqrt(2 * t) * torch.sqrt(-dt) * torch.randn(3, generator=gen, dtype=torch.float64)
+        x, c = x_new, c_new
+    torch.testing.assert_close(out, x)
