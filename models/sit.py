@@ -386,6 +386,7 @@ class SiT(nn.Module):
                 for _ in range(depth)
             ]
         )
+        self._recorded_layers = []  # HASTE: blocks whose attention logits are kept (record_attention)
         self.projection_layer_type = projection_layer_type
         self.projectors = nn.ModuleList(
             [
@@ -440,10 +441,13 @@ class SiT(nn.Module):
         self._recorded_layers = list(layers)
 
     def attention_logits(self):
-        """The logits (N, heads, T, T) kept by the last forward, in the order record_attention was given."""
-        logits = [self.blocks[layer - 1].attn.logits for layer in getattr(self, "_recorded_layers", [])]
+        """The logits (N, heads, T, T) kept by the last forward, in the order record_attention was given.
+        Reading them releases the blocks' references, so they live no longer than the step's graph."""
+        logits = [self.blocks[layer - 1].attn.logits for layer in self._recorded_layers]
         if any(x is None for x in logits):
             raise RuntimeError("no attention logits recorded: call record_attention(layers), then forward")
+        for layer in self._recorded_layers:
+            self.blocks[layer - 1].attn.logits = None
         return logits
 
     def unpatchify(self, x):

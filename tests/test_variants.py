@@ -673,6 +673,8 @@ def test_sit_records_attention_logits_only_where_asked():
     assert [b.attn.record_logits for b in model.blocks] == [False, True, False]
     (logits,) = model.attention_logits()
     assert logits.shape == (2, 2, 16, 16)
+    with pytest.raises(RuntimeError, match="no attention logits"):  # read once per forward, then released
+        model.attention_logits()
     model.record_attention(())
     assert not any(b.attn.record_logits for b in model.blocks)
     with pytest.raises(ValueError, match="blocks 1..3"):
