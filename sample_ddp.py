@@ -408,7 +408,7 @@ def build_parser():
     p.add_argument(
         "--cls-cfg-scale", type=float, default=1.0,
         help="REG models: guidance scale of the class token inside the guidance interval (<= 0 or 1: none; "
-        "REG's generate.py defaults to 1.5)",
+        "REG-derived generate.py copies default to 1.5)",
     )  # fmt: skip
     p.add_argument("--labels", choices=("random", "balanced"), default="random", help="random: the paper's protocol")
     p.add_argument("--quantization", choices=tuple(QUANTIZATIONS), default="repa", help="repa: the paper's protocol")
