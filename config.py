@@ -15,6 +15,11 @@ from pathlib import Path
 
 import yaml
 
+# HASTE's attention pairing (SiT block:encoder block, 1-based) for its main run. NOT VERIFIED against HASTE's
+# code, which could not be read where this was written: these are this project's choice (the four SiT blocks
+# up to REPA's alignment depth 8 against DINOv2-B's last four blocks); check HASTE's train.py before relying on it.
+HASTE_DEFAULT_ATTN_LAYERS = {("SiT-XL/2", "dinov2-vit-b"): "5:9,6:10,7:11,8:12"}
+
 
 @dataclass
 class TrainConfig:
@@ -54,8 +59,12 @@ class TrainConfig:
     proj_kwargs_kernel_size: int = 1  # conv kernel, 1 | 3 | 5 | 7 (iREPA: 3)
     spnorm_method: str = "none"  # none | zscore: spatial z-score of the encoder targets (iREPA: zscore)
     zscore_alpha: float = 0.6  # fraction of the spatial mean the z-score removes (iREPA's default)
-    # --- REG (Wu et al. 2025): the model exists (SiT cls_token_dim), its training loss does not yet ---------
-    cls: float = 0.0  # REG's --cls, weight of the class-token velocity loss (REG: 0.03); > 0 is refused for now
+    # --- REG (Wu et al. 2025): the encoder's class token is denoised with the image ---------------------
+    cls: float = 0.0  # REG's --cls: weight of the class-token velocity loss (REG: 0.03); > 0 turns REG on
+    # --- HASTE (Wang et al. 2025): attention alignment and one-shot termination of alignment --------
+    attn_coeff: float = 0.0  # HASTE's --attn-coeff: weight of the attention alignment (HASTE: 0.5); 0 = off
+    attn_align_layers: str = ""  # pairs SIT_BLOCK:ENC_BLOCK (1-based), e.g. "5:9,6:10"; "" = the default pairing
+    early_stop_point: int = 0  # HASTE's --early-stop-point: step at which alignment stops (HASTE: 250K); 0 = never
     # --- objective -----------------------------------------------------------------------------------
     path_type: str = "linear"  # linear | cosine
     prediction: str = "v"
@@ -139,6 +148,32 @@ class TrainConfig:
                 f"config keys 'target_cache' ({self.target_cache}) and 'cache_targets': choose one; the on-disk "
                 "cache already holds every item's tokens"
             )
+        if self.cls < 0:
+            raise ValueError(f"config key 'cls' (--cls): {self.cls} must be >= 0")
+        if self.cls > 0 and not self.encoder_names:
+            raise ValueError(
+                f"config key 'cls' (--cls): {self.cls} (REG) needs an encoder's class token; --enc-type is none"
+            )
+        if self.cls > 0 and self.spnorm_method != "none":
+            raise ValueError(
+                "config keys 'cls' and 'spnorm_method': REG aligns [class token; patches], iREPA's "
+                "z-score is defined over the patch grid; use one or the other"
+            )
+        if self.attn_coeff < 0 or self.early_stop_point < 0:
+            raise ValueError(
+                f"config keys 'attn_coeff' ({self.attn_coeff}) and 'early_stop_point' ({self.early_stop_point}) must be >= 0"
+            )
+        if self.attn_coeff > 0:
+            if not self.encoder_names:
+                raise ValueError(f"config key 'attn_coeff': {self.attn_coeff} needs an encoder; --enc-type is none")
+            if self.cache_targets:
+                raise ValueError("config keys 'attn_coeff' and 'cache_targets': attention maps are not cached")
+            _ = self.attention_layer_pairs  # parses --attn-align-layers (or finds the default) now, not at step 1
+        if self.early_stop_point > 0 and self.cls > 0:
+            raise ValueError(
+                "config keys 'early_stop_point' and 'cls': REG's class token comes from the encoder at every step "
+                "(training and sampling), so the encoder cannot stop; HASTE's early stop is for REPA/attention alignment"
+            )
         if not 0 <= self.cfg_prob < 1:
             raise ValueError(f"config key 'cfg_prob': {self.cfg_prob} must lie in [0, 1)")
 
@@ -146,6 +181,26 @@ class TrainConfig:
     def encoder_names(self) -> list[str]:
         names = [n.strip() for n in self.enc_type.split(",") if n.strip()]
         return [] if names in ([], ["none"]) else names
+
+    @property
+    def attention_layer_pairs(self) -> list[tuple[int, int]]:
+        """HASTE's (SiT block, encoder block) pairs, 1-based: --attn-align-layers, else the default for the
+        (model, first encoder) pair; other pairs must name theirs."""
+        text = self.attn_align_layers.strip() or HASTE_DEFAULT_ATTN_LAYERS.get((self.model, self.encoder_names[0]), "")
+        if not text:
+            raise ValueError(
+                f"--attn-coeff {self.attn_coeff}: no default attention layer pairing for {self.model} + "
+                f"{self.encoder_names[0]}; pass --attn-align-layers SIT_BLOCK:ENC_BLOCK,... (1-based)"
+            )
+        try:
+            pairs = [tuple(int(n) for n in item.split(":")) for item in text.split(",")]
+        except ValueError:
+            pairs = []
+        if not pairs or any(len(p) != 2 or min(p) < 1 for p in pairs):
+            raise ValueError(
+                f"--attn-align-layers {text!r}: expected SIT_BLOCK:ENC_BLOCK pairs, 1-based, e.g. '5:9,6:10'"
+            )
+        return pairs
 
     @property
     def run_dir(self) -> Path:

@@ -73,7 +73,10 @@ def sit_kwargs_from_state_dict(state_dict: dict) -> dict:
     if missing:
         raise KeyError(f"not a SiT state dict: missing {missing}")
     hidden, channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
-    grid = math.isqrt(state_dict["pos_embed"].shape[1])
+    # REG: a class-token head; its token adds one position row in front of the patch grid.
+    cls_head = state_dict.get("final_layer.linear_cls.weight")
+    cls_token_dim = None if cls_head is None else cls_head.shape[0]
+    grid = math.isqrt(state_dict["pos_embed"].shape[1] - (cls_token_dim is not None))
     depth = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k)))
     rows = state_dict["y_embedder.embedding_table.weight"].shape[0]
     return dict(
@@ -88,6 +91,7 @@ def sit_kwargs_from_state_dict(state_dict: dict) -> dict:
         class_dropout_prob=0.1,
         **projector_kwargs_from_state_dict(state_dict),
         qk_norm="blocks.0.attn.q_norm.weight" in state_dict,
+        **({"cls_token_dim": cls_token_dim} if cls_token_dim else {}),  # REG SiTs only (DiT has no such keyword)
     )
 
 
@@ -143,7 +147,10 @@ def load_model(ckpt_path, model_name=None, use_ema=True, encoder_depth=None):
     except RuntimeError as e:
         raise RuntimeError(f"{ckpt_path}: the weights do not fit {name} built from the checkpoint: {e}") from e
     steps = ckpt.get("steps") if isinstance(ckpt, dict) else None  # the training step, where recorded
-    return model.eval(), {**settings, "model": name, "steps": steps, "weights_sha256": weights_digest(state_dict)}
+    return model.eval(), {
+        **settings, "model": name, "steps": steps, "weights_sha256": weights_digest(state_dict),
+        "cls_token_dim": getattr(model, "cls_token_dim", None),  # REG models: the class token's width
+    }  # fmt: skip
 
 
 def resolve_training_settings(args, settings: dict) -> dict:
@@ -277,6 +284,8 @@ def sampling_manifest(args, training: dict, settings: dict, num_classes: int) ->
         "cfg_scale": args.cfg_scale,
         "guidance_low": args.guidance_low,
         "guidance_high": args.guidance_high,
+        # REG models only: older manifests (no such key) stay resumable for plain SiTs.
+        **({"cls_cfg_scale": args.cls_cfg_scale} if settings.get("cls_token_dim") else {}),
         "global_seed": args.global_seed,
         "labels": args.labels,
         "num_classes": num_classes,
@@ -351,15 +360,18 @@ class _CallCounter(torch.nn.Module):
         super().__init__()
         self.num_classes, self.out_channels, self.rows = model.num_classes, model.out_channels, 0
 
-    def forward(self, x, t, y):
+    def forward(self, x, t, y, cls_token=None):
         self.rows += x.shape[0]
-        return torch.zeros(x.shape[0], self.out_channels, *x.shape[2:], dtype=x.dtype), []
+        v = torch.zeros(x.shape[0], self.out_channels, *x.shape[2:], dtype=x.dtype)
+        return (v, []) if cls_token is None else (v, [], torch.zeros_like(cls_token))
 
 
 def count_nfe(sampler, model, shape, kwargs, stochastic) -> int:
     """Network evaluations per image (a guided step counts twice) of `sampler` with these settings."""
     counter = _CallCounter(model)
     extra = {"generator": torch.Generator().manual_seed(0)} if stochastic else {}
+    if getattr(model, "cls_token_dim", None):  # REG: the class token rides along in the same calls
+        extra["cls_latents"] = torch.zeros(1, model.cls_token_dim)
     sampler(counter, torch.zeros(1, *shape), torch.zeros(1, dtype=torch.long), **kwargs, **extra)
     return counter.rows
 
@@ -394,6 +406,11 @@ def build_parser():
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--guidance-low", type=float, default=0.0)
     p.add_argument("--guidance-high", type=float, default=1.0)
+    p.add_argument(
+        "--cls-cfg-scale", type=float, default=1.0,
+        help="REG models: guidance scale of the class token inside the guidance interval (<= 0 or 1: none; "
+        "REG-derived generate.py copies default to 1.5)",
+    )  # fmt: skip
     p.add_argument("--labels", choices=("random", "balanced"), default="random", help="random: the paper's protocol")
     p.add_argument("--quantization", choices=tuple(QUANTIZATIONS), default="repa", help="repa: the paper's protocol")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
@@ -442,6 +459,9 @@ def main(argv=None):
         raise ValueError(f"--heun applies to --mode ode only, not --mode {args.mode}")
     if args.ddim_eta and args.mode != "ddim":
         raise ValueError(f"--ddim-eta applies to --mode ddim only, not --mode {args.mode}")
+    cls_token_dim = getattr(model, "cls_token_dim", None)  # REG: the class token is sampled with the image
+    if args.cls_cfg_scale != 1.0 and not cls_token_dim:
+        raise ValueError(f"--cls-cfg-scale {args.cls_cfg_scale} applies to REG models only; {args.ckpt} is not one")
     for block in model.blocks:
         block.attn.fused_attn = args.fused_attn
     model = model.to(device)
@@ -460,6 +480,8 @@ def main(argv=None):
         kwargs["path_type"] = training["path_type"]
     if args.mode == "ode":
         kwargs["heun"] = args.heun
+    if cls_token_dim:
+        kwargs["cls_cfg_scale"] = args.cls_cfg_scale
     if args.mode == "ddim":
         kwargs["eta"] = args.ddim_eta
     stochastic = args.mode in ("sde", "ddpm") or (args.mode == "ddim" and args.ddim_eta > 0)
@@ -489,9 +511,12 @@ def main(argv=None):
     for indices in tqdm(todo, disable=rank != 0, desc="sampling", dynamic_ncols=True):
         gens = [sample_generator(args.global_seed, i, device) for i in indices]
         noise = torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])
+        extra = {"generator": gens} if stochastic else {}
+        if cls_token_dim:  # REG: the class token's initial noise, drawn right after the image's
+            extra["cls_latents"] = torch.stack([torch.randn(cls_token_dim, generator=g, device=device) for g in gens])
         y = torch.from_numpy(labels_all[indices.start : indices.stop]).to(device)
         with torch.no_grad(), autocast:
-            z = sampler(net, noise, y, **kwargs, **({"generator": gens} if stochastic else {}))
+            z = sampler(net, noise, y, **kwargs, **extra)
             images = quantize(decode(z.float()), args.quantization)
         for i, array in zip(indices, images):
             write_png(array, png_path(sample_dir, i))
@@ -505,7 +530,8 @@ def main(argv=None):
         save_npz(npz_path, arr_0=arrays, arr_1=labels_all.astype(np.int64))
         protocol = {
             "sampler": args.mode + ("-heun" if args.heun else ""), "num_steps": args.num_steps, "nfe": nfe,
-            "cfg_scale": args.cfg_scale, "guidance_interval": [args.guidance_low, args.guidance_high],
+            "cfg_scale": args.cfg_scale, **({"cls_cfg_scale": args.cls_cfg_scale} if cls_token_dim else {}),
+            "guidance_interval": [args.guidance_low, args.guidance_high],
             "labels": args.labels, "quantization": args.quantization, "num_samples": n,
             "weights": "ema" if args.use_ema else "raw", "vae": training["vae"], "precision": args.precision,
         }  # fmt: skip

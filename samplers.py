@@ -14,6 +14,14 @@ in [guidance_low, guidance_high]; there the model runs once on the batched (cond
 once on the conditional batch alone. With REPA's best setting, cfg_scale=1.8 and [0, 0.7], the noisiest
 30% of the trajectory runs unguided (paper, Table 4).
 
+REG (Wu et al. 2025, Martinser/REG): a model built with `cls_token_dim` denoises the encoder's class token
+together with the image. Pass its initial noise as `cls_latents` (N, cls_token_dim): both samplers then
+integrate the image and the class token jointly with the same time grid, the model is called as
+`model(x, t, y, cls_token=c)` and returns `(v, zs, cls_v)`, and the class token's velocity is guided with
+its own `cls_cfg_scale` inside the same guidance interval (REG's rule: a scale <= 0 keeps the conditional
+class-token velocity, as does 1). Only the image is returned, as REG's sampler does. The SDE draws the
+class token's Brownian increment right after the image's, from the same generator(s).
+
 `generator` may be one torch.Generator for the whole batch or a list with one per sample; the latter
 makes each sample's SDE noise depend only on its own generator, so a sample is reproducible whatever
 batch or process it lands in (sample_ddp.py relies on this).
@@ -53,18 +61,36 @@ def null_condition_like(y, model, null_condition=None):
     return null.expand_as(y)
 
 
-def _velocity(model, x, t, y, y_null, cfg_scale, guided, dtype):
-    """Model velocity at state x (float64) and scalar time t, guided when `guided` (one batched call)."""
+def _guide(cond_uncond, scale):
+    """uncond + scale (cond - uncond) of a (2N, ...) batch stacked [cond; uncond]."""
+    cond, uncond = cond_uncond.chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
+def _velocity(model, x, t, y, y_null, cfg_scale, guided, dtype, cls=None, cls_cfg_scale=1.0):
+    """Model velocity at state x (float64) and scalar time t, guided when `guided` (one batched call).
+
+    With a REG class-token state `cls` (N, cls_token_dim) it returns (v, cls_v), else (v, None). The class
+    token is guided with cls_cfg_scale; REG keeps its conditional velocity when that scale is <= 0.
+    """
     if guided:
         model_input, labels = torch.cat([x, x]), torch.cat([y, y_null])
+        cls_input = None if cls is None else torch.cat([cls, cls])
     else:
-        model_input, labels = x, y
+        model_input, labels, cls_input = x, y, cls
     time_input = torch.full((model_input.shape[0],), float(t), device=x.device, dtype=torch.float64)
-    v = model(model_input.to(dtype), time_input.to(dtype), labels)[0].to(torch.float64)
+    if cls_input is None:
+        out = model(model_input.to(dtype), time_input.to(dtype), labels)
+        cls_v = None
+    else:
+        out = model(model_input.to(dtype), time_input.to(dtype), labels, cls_token=cls_input.to(dtype))
+        cls_v = out[2].to(torch.float64)
+    v = out[0].to(torch.float64)
     if guided:
-        v_cond, v_uncond = v.chunk(2)
-        v = v_uncond + cfg_scale * (v_cond - v_uncond)
-    return v
+        v = _guide(v, cfg_scale)
+        if cls_v is not None:
+            cls_v = _guide(cls_v, cls_cfg_scale) if cls_cfg_scale > 0 else cls_v.chunk(2)[0]
+    return v, cls_v
 
 
 def randn_like(x, generator):
@@ -88,27 +114,36 @@ def euler_sampler(
     guidance_high=1.0,
     path_type="linear",  # the probability-flow ODE of a velocity model does not depend on the path
     null_condition=None,  # the null class or null text tokens for guidance; default: the model's num_classes
+    cls_latents=None,  # REG: (N, cls_token_dim) initial noise of the class token, integrated jointly
+    cls_cfg_scale=1.0,  # REG: guidance scale of the class token's velocity (<= 0 or 1: conditional)
 ):
     """Probability-flow ODE dx/dt = v(x, t) on linspace(1, 0, num_steps + 1), Euler or Heun.
 
     Heun (2nd order) corrects every step but the last, which would evaluate the model at t=0.
-    Returns the samples at t=0 in latents.dtype.
+    Returns the samples at t=0 in latents.dtype (the image only, for REG models too).
     """
     Interpolant(path_type)  # validates the name
     dtype = latents.dtype
     y_null = null_condition_like(y, model, null_condition) if cfg_scale > 1.0 else None
     t_steps = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)
     x = latents.to(torch.float64)
+    cls = None if cls_latents is None else cls_latents.to(torch.float64)  # REG's class-token state
+    guide = dict(cls_cfg_scale=cls_cfg_scale)
     for i in range(num_steps):
         t_cur, t_next = t_steps[i], t_steps[i + 1]
+        dt = t_next - t_cur
         guided = cfg_scale > 1.0 and guidance_low <= t_cur <= guidance_high
-        d_cur = _velocity(model, x, t_cur, y, y_null, cfg_scale, guided, dtype)
-        x_next = x + (t_next - t_cur) * d_cur
+        d_cur, cls_d_cur = _velocity(model, x, t_cur, y, y_null, cfg_scale, guided, dtype, cls, **guide)
+        x_next = x + dt * d_cur
+        cls_next = None if cls is None else cls + dt * cls_d_cur
         if heun and i < num_steps - 1:
             # The official code decides guidance for both evaluations from t_cur; kept for equivalence.
-            d_next = _velocity(model, x_next, t_next, y, y_null, cfg_scale, guided, dtype)
-            x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_next)
-        x = x_next
+            d_next, cls_d_next = _velocity(
+                model, x_next, t_next, y, y_null, cfg_scale, guided, dtype, cls_next, **guide
+            )
+            x_next = x + dt * (0.5 * d_cur + 0.5 * d_next)
+            cls_next = None if cls is None else cls + dt * (0.5 * cls_d_cur + 0.5 * cls_d_next)
+        x, cls = x_next, cls_next
     return x.to(dtype)
 
 
@@ -124,13 +159,16 @@ def euler_maruyama_sampler(
     path_type="linear",
     null_condition=None,
     generator=None,
+    cls_latents=None,  # REG: (N, cls_token_dim) initial noise of the class token, integrated jointly
+    cls_cfg_scale=1.0,  # REG: guidance scale of the class token's velocity (<= 0 or 1: conditional)
 ):
     """Reverse SDE dx = [v - 1/2 w(t) score] dt + sqrt(w(t)) dW with w(t) = 2t (Euler-Maruyama).
 
     Grid: linspace(1, 0.04, num_steps) and a final deterministic (mean) step from 0.04 to 0, so the
     model is never evaluated at t=0 and no noise is added at the end. The score comes from the velocity
     through the interpolant (path_type must match training). Guidance is applied to the velocity; since
-    the drift is affine in v, this equals the official guidance of the drift.
+    the drift is affine in v, this equals the official guidance of the drift (REG guides the drift of the
+    image and of the class token; the same argument holds for each). The class token follows the same SDE.
     """
     interpolant = Interpolant(path_type)
     dtype = latents.dtype
@@ -139,14 +177,23 @@ def euler_maruyama_sampler(
         [torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)]
     )
     x = latents.to(torch.float64)
+    cls = None if cls_latents is None else cls_latents.to(torch.float64)  # REG's class-token state
     for i in range(num_steps):
         t_cur, t_next = t_steps[i], t_steps[i + 1]
         dt = t_next - t_cur  # negative
         guided = cfg_scale > 1.0 and guidance_low <= t_cur <= guidance_high
-        v = _velocity(model, x, t_cur, y, y_null, cfg_scale, guided, dtype)
+        v, cls_v = _velocity(model, x, t_cur, y, y_null, cfg_scale, guided, dtype, cls, cls_cfg_scale)
         diffusion = 2 * t_cur
         drift = v - 0.5 * diffusion * interpolant.score_from_velocity(v, x, t_cur)
-        x = x + drift * dt
-        if i < num_steps - 1:
-            x = x + torch.sqrt(diffusion) * torch.sqrt(-dt) * randn_like(x, generator)
+        x_next = x + drift * dt
+        if cls is not None:
+            cls_drift = cls_v - 0.5 * diffusion * interpolant.score_from_velocity(cls_v, cls, t_cur)
+            cls_next = cls + cls_drift * dt
+        if i < num_steps - 1:  # the last step is the mean: no noise at t = 0
+            x_next = x_next + torch.sqrt(diffusion) * torch.sqrt(-dt) * randn_like(x, generator)
+            if cls is not None:
+                cls_next = cls_next + torch.sqrt(diffusion) * torch.sqrt(-dt) * randn_like(cls, generator)
+        x = x_next
+        if cls is not None:
+            cls = cls_next
     return x.to(dtype)

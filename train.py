@@ -102,6 +102,11 @@ class IndexedDataset(torch.utils.data.Dataset):
         return item if self.targets is None else (*item, *self.targets[index])
 
 
+def encode_targets(encoder, images, class_token=False):
+    """An encoder's alignment targets: its patch tokens, with its class token in front for REG."""
+    return encoder.encode(images, class_token=True) if class_token else encoder.encode(images)
+
+
 class TargetCache:
     """Encoder tokens per dataset item, computed the first time the item is drawn (--cache-targets).
 
@@ -112,14 +117,14 @@ class TargetCache:
     and train with --target-cache DIR (preprocessing/target_cache.py): read from disk, never recomputed.
     """
 
-    def __init__(self, encoders):
-        self.encoders, self.store = encoders, {}
+    def __init__(self, encoders, class_token=False):
+        self.encoders, self.store, self.class_token = encoders, {}, class_token
 
     def __call__(self, indices, images):
         keys = indices.tolist()
         missing = [i for i, k in enumerate(keys) if k not in self.store]
         if missing:
-            fresh = [enc.encode(images[missing]) for enc in self.encoders]  # each (M, T, D)
+            fresh = [encode_targets(enc, images[missing], self.class_token) for enc in self.encoders]  # (M, T, D)
             for j, i in enumerate(missing):
                 self.store[keys[i]] = [tokens[j] for tokens in fresh]
         return [torch.stack([self.store[k][e] for k in keys]) for e in range(len(self.encoders))]
@@ -287,7 +292,7 @@ class TrainStep:
     the loop retries the step); without a fused AdamW a skip needs one sync (foreach AdamW cannot skip).
     """
 
-    STATS = ("loss", "proj_loss", "micro_steps", "grad_norm", "updates")
+    STATS = ("loss", "proj_loss", "cls_loss", "attn_loss", "micro_steps", "grad_norm", "updates")
 
     def __init__(
         self, cfg: TrainConfig, accelerator, model, raw_model, ema, optimizer, loss_fn, targets=None, nonfinite_steps=0
@@ -307,6 +312,8 @@ class TrainStep:
         items' stored encoder tokens (--target-cache), one tensor per encoder, or nothing; step: 0-based."""
         cfg, accelerator = self.cfg, self.accelerator
         bad_losses = torch.zeros((), device=self.device)  # this rank's non-finite micro-step losses
+        # HASTE's one-shot termination: from --early-stop-point on, no alignment target and no encoder forward.
+        aligning = cfg.early_stop_point == 0 or step < cfg.early_stop_point
         for position, indices, images, x, labels, *cached in micro_batches:
             torch.manual_seed(step_seed(cfg.seed, self.rank, position))  # all randomness of this micro-step
             x = sample_latents(x, cfg)
@@ -315,19 +322,26 @@ class TrainStep:
                 # so the effective rate is 1 - (1 - p)^2 (0.19 for p = 0.1). Only to reproduce early runs.
                 drop = torch.rand(labels.shape[0], device=x.device) < cfg.cfg_prob
                 labels = torch.where(drop, cfg.num_classes, labels)
+            zs_target, extra = [], {}  # none after HASTE's early stop
             with torch.no_grad(), accelerator.autocast():
-                if cached:  # --target-cache: stored tokens, in fp32 as the loss computes the alignment
+                if cached and aligning:  # --target-cache: stored tokens, in fp32 as the loss computes the alignment
                     zs_target = [z.float() for z in cached]
-                else:
-                    zs_target = self.targets(indices, images) if self.targets is not None else []
+                elif self.targets is not None and aligning:
+                    zs_target = self.targets(indices, images)
+                    if isinstance(zs_target, tuple):  # (tokens, extra loss inputs): HASTE's attention maps
+                        zs_target, extra = zs_target
             with accelerator.accumulate(self.model), accelerator.autocast():
-                terms = self.loss_fn(self.model, x, labels, zs_target)
+                terms = self.loss_fn(self.model, x, labels, zs_target, **extra)
                 # A non-finite loss still runs its backward, so DDP's gradient reduction stays in step.
                 accelerator.backward(terms.total)
             finite = torch.isfinite(terms.total.detach())
             bad_losses += ~finite
-            logged = torch.stack([terms.denoising.detach().mean().float(), terms.proj.detach().float(), finite.float()])
-            self.stats[:3] += torch.where(finite, logged, 0).to(self.stats.dtype)
+            zero = torch.zeros((), device=self.device)
+            cls_loss = zero if terms.cls is None else terms.cls.detach().mean().float()
+            attn_loss = zero if terms.attn is None else terms.attn.detach().float()
+            logged = [terms.denoising.detach().mean().float(), terms.proj.detach().float(), cls_loss, attn_loss]
+            logged = torch.stack(logged + [finite.float()])
+            self.stats[:5] += torch.where(finite, logged, 0).to(self.stats.dtype)
 
         # ---- the update: gradients are synchronised now (last micro-step) ----
         grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
@@ -347,7 +361,7 @@ class TrainStep:
         # fp16: overflows are the loss scaler's business (not counted); other precisions count every skip.
         self.nonfinite_steps += bad_losses > 0 if accelerator.scaler is not None else skip
         logged = torch.stack([torch.where(skip, 0, grad_norm.detach().float()), (~skip).float()])
-        self.stats[3:] += logged.to(self.stats.dtype)
+        self.stats[5:] += logged.to(self.stats.dtype)
 
     def read_stats(self) -> dict:
         """Means over the steps since the last call, summed over ranks (one sync), and the counts."""
@@ -362,6 +376,9 @@ class TrainStep:
             "proj_loss": values["proj_loss"] / micro,
             "grad_norm": values["grad_norm"] / world / updates,  # the same on every rank
             "nonfinite_steps": int(nonfinite),
+            # REG's class-token velocity loss and HASTE's attention cross-entropy (unweighted; 0 after the stop)
+            **({"cls_loss": values["cls_loss"] / micro} if self.cfg.cls > 0 else {}),
+            **({"attn_loss": values["attn_loss"] / micro} if self.cfg.attn_coeff > 0 else {}),
         }
 
 
@@ -423,8 +440,12 @@ def train(cfg: TrainConfig):
         raise ValueError(f"--model {cfg.model!r} is unknown; choose one of {', '.join(MODELS)}")
     is_dit = cfg.model in DiT_models
     use_repa = cfg.proj_coeff > 0 and bool(cfg.encoder_names)
+    use_reg = cfg.cls > 0  # REG: the first encoder's class token is denoised with the image (loss.py)
+    use_attn = cfg.attn_coeff > 0  # HASTE: the first encoder's attention maps are targets of the SiT's
+    if (use_reg or use_attn) and is_dit:
+        raise ValueError(f"--cls / --attn-coeff (REG, HASTE) are implemented for SiT models only, not {cfg.model}")
     encoders = []
-    if use_repa:
+    if use_repa or use_reg or use_attn:
         # The encoder's token grid must equal the SiT's: at 256 px, 32x32 latents / patch 2 = 16x16, which
         # the encoders give at their "256 px" setting (grid = resolution / 16). Deriving the encoder setting
         # from the SiT grid keeps that true for pixel-space runs too (the demo: 32 px / patch 4 -> 8x8).
@@ -453,9 +474,13 @@ def train(cfg: TrainConfig):
         fused_attn=cfg.fused_attn,
         projection_layer_type=cfg.projection_layer_type,
         proj_kwargs_kernel_size=cfg.proj_kwargs_kernel_size,
+        **({"cls_token_dim": encoders[0].embed_dim} if use_reg else {}),  # REG: the class token's width
     )
     model = MODELS[cfg.model](**model_kwargs).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
+    attn_pairs = cfg.attention_layer_pairs if use_attn else []  # HASTE: (SiT block, encoder block), 1-based
+    if use_attn:
+        model.record_attention([sit for sit, _ in attn_pairs])  # those blocks compute explicit, kept logits
     optimizer = make_optimizer(cfg, model.parameters(), device)
     for enc in encoders:
         log(
@@ -524,14 +549,23 @@ def train(cfg: TrainConfig):
             proj_coeff=cfg.proj_coeff,
             spnorm_method=cfg.spnorm_method,
             zscore_alpha=cfg.zscore_alpha,
+            cls_coeff=cfg.cls,
+            attn_coeff=cfg.attn_coeff,
         )
     autocast = accelerator.autocast  # previews run in the training precision too
     if disk_targets is not None:
         targets = None  # the tokens come with each batch (IndexedDataset)
+    elif use_attn:  # HASTE: the first encoder also gives its attention maps, as an extra loss input
+
+        def targets(indices, images):
+            first, attn = encoders[0].encode_with_attention(images, [e for _, e in attn_pairs], use_reg)
+            return [first] + [encode_targets(enc, images, use_reg) for enc in encoders[1:]], {"attn_target": attn}
+
     elif cfg.cache_targets and encoders:
-        targets = TargetCache(encoders)
-    elif encoders:
-        targets = lambda indices, images: [fn(images) for fn in encode]  # noqa: E731
+        targets = TargetCache(encoders, class_token=use_reg)
+    elif encoders:  # REG: each encoder's class token in front of its patch tokens
+        token_kwargs = {"class_token": True} if use_reg else {}
+        targets = lambda indices, images: [fn(images, **token_kwargs) for fn in encode]  # noqa: E731
     else:
         targets = None
     train_step = TrainStep(cfg, accelerator, model, raw_model, ema, optimizer, loss_fn, targets, nonfinite_steps)
@@ -542,6 +576,11 @@ def train(cfg: TrainConfig):
     n_preview = 16
     preview_noise = torch.randn((n_preview, in_channels, input_side, input_side), generator=preview_gen).to(device)
     preview_labels = (torch.arange(n_preview) % cfg.num_classes).to(device)
+    preview_extra = {}  # REG: the class token's initial noise, fixed like the image's
+    if use_reg:
+        preview_extra["cls_latents"] = torch.randn(
+            (n_preview, model_kwargs["cls_token_dim"]), generator=preview_gen
+        ).to(device)
 
     if accelerator.trackers:
         accelerator.init_trackers(cfg.exp_name, config=cfg.to_dict())
@@ -551,8 +590,19 @@ def train(cfg: TrainConfig):
     data_iter = iter(loader)
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
     model.train()
+    alignment_stopped = False
 
     while step < total_steps:
+        # HASTE's one-shot termination: from --early-stop-point on, no alignment loss and no encoder forward.
+        # A function of the step alone, so a resume on either side of it continues exactly.
+        aligning = cfg.early_stop_point == 0 or step < cfg.early_stop_point
+        if not aligning and encoders and not alignment_stopped:
+            alignment_stopped = True
+            if use_attn:
+                raw_model.record_attention(())  # every block back on the fused kernel
+            for enc in encoders:
+                enc.to("cpu")  # it never runs again in this run: free its accelerator memory
+            log(f"step {step}: --early-stop-point {cfg.early_stop_point} reached, alignment off, encoder stopped")
         # ---- one optimizer step over gradient_accumulation_steps micro-batches ----
         micro_batches = []
         for _ in range(cfg.gradient_accumulation_steps):
@@ -614,7 +664,7 @@ def train(cfg: TrainConfig):
                     if is_dit:
                         z = ddim_sampler(ema, preview_noise, preview_labels, **common)
                     else:
-                        z = euler_sampler(ema, preview_noise, preview_labels, heun=True, path_type=cfg.path_type, **common)  # fmt: skip
+                        z = euler_sampler(ema, preview_noise, preview_labels, heun=True, path_type=cfg.path_type, **common, **preview_extra)  # fmt: skip
                     images_out = decode(z.float()).clamp(0, 1)
                 save_image(images_out.float(), run_dir / "samples" / f"{step:07d}.png", nrow=int(math.sqrt(n_preview)))
             accelerator.wait_for_everyone()
@@ -649,8 +699,6 @@ def train(cfg: TrainConfig):
 
 def main(argv=None):
     cfg = parse_config(argv)
-    if cfg.cls > 0:  # REG's model exists (models/sit.py, cls_token_dim); its loss and sampler do not yet
-        raise NotImplementedError("--cls: REG training is not implemented yet (configs/variants/reg-*.yaml)")
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
         # accelerate would drop an unavailable tracker with a warning; a run that logs nowhere is worse.
         raise ModuleNotFoundError(f"--report-to {cfg.report_to} needs the package: pip install {cfg.report_to}")

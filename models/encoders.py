@@ -493,13 +493,26 @@ class FrozenEncoder(nn.Module):
         # Frozen means no dropout / drop-path either: stay in eval whatever a training loop asks.
         return super().train(False)
 
+    @property
+    def has_class_token(self) -> bool:
+        """Whether the encoder has a class token (sequence position 0): DINOv1/v2/v3, MoCo v3, CLIP, MAE and
+        timm ViTs built with one do; I-JEPA and SigLIP 2 (average / attention-pooled heads) do not."""
+        return self.spec.num_prefix_tokens > 0 and getattr(self.model, "cls_token", None) is not None
+
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, class_token: bool = False) -> torch.Tensor:
         """(N, 3, S, S) uint8 clean images -> (N, grid**2, embed_dim) patch tokens.
 
         S is the training resolution in the paper's runs (S = R); other sizes are resized to the encoder
         input like /14 ones are. Runs in the caller's autocast context (the training precision).
+        `class_token=True` (REG) puts the class token in front: (N, 1 + grid**2, embed_dim), normalised by
+        the final norm like the patch tokens (DINOv2's x_norm_clstoken), registers still dropped.
         """
+        if class_token and not self.has_class_token:
+            raise ValueError(
+                f"{self.spec.name} has no class token, which REG (--cls > 0) entangles with the image; use an "
+                "encoder with one (DINOv2, DINOv1, DINOv3, MoCo v3, CLIP, MAE)"
+            )
         if images.dtype != torch.uint8:
             raise TypeError(
                 f"{self.spec.name}.encode expects the clean uint8 image batch (0..255), got {images.dtype}; "
@@ -515,11 +528,59 @@ class FrozenEncoder(nn.Module):
             # /14 encoders: 256 -> 224 (512 -> 448), bicubic without antialiasing as in REPA. Normalizing
             # before or after is the same: bicubic weights sum to 1, so a per-channel affine map commutes.
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False)
-        tokens = self.model.forward_features(x)  # (N, prefix + grid**2, D)
-        return tokens[:, self.spec.num_prefix_tokens :]
+        tokens = self.model.forward_features(x)  # (N, prefix + grid**2, D), the class token first
+        patches = tokens[:, self.spec.num_prefix_tokens :]
+        return torch.cat([tokens[:, :1], patches], dim=1) if class_token else patches
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encode(images)
+    def forward(self, images: torch.Tensor, class_token: bool = False) -> torch.Tensor:
+        return self.encode(images, class_token=class_token)
+
+    @torch.no_grad()
+    def encode_with_attention(
+        self, images: torch.Tensor, layers: Sequence[int], class_token: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`encode` plus HASTE's attention targets: for each 1-based block in `layers`, the attention
+        distributions among the patch tokens, (N, heads, grid**2, grid**2) in float32, rows summing to 1.
+
+        The distributions come from forward hooks on the blocks' `qkv` linears (q k^T / sqrt(head_dim) after the
+        blocks' q/k norms), restricted to patch queries and keys and renormalised: softmax over the patch
+        logits alone, which equals the full attention row without the class and register tokens, renormalised.
+        No patched copy of the encoder is needed, and its own attention keeps its fused kernel.
+        """
+        blocks = getattr(self.model, "blocks", None)
+        if type(self.model).__name__ != "VisionTransformer" or blocks is None:
+            raise ValueError(
+                f"{self.spec.name}: attention alignment reads plain timm ViT attention (DINOv2, DINOv1, MoCo v3, "
+                f"CLIP, MAE); {type(self.model).__name__} (RoPE or pooled heads) is not supported"
+            )
+        bad = [layer for layer in layers if not 1 <= layer <= len(blocks)]
+        if bad:
+            raise ValueError(f"{self.spec.name} has blocks 1..{len(blocks)}; attention layers {bad} do not exist")
+        prefix, captured, handles = self.spec.num_prefix_tokens, [], []
+
+        def capture(attn):
+            def hook(module, inputs, qkv):  # qkv: (N, T, 3 D)
+                N, T, _ = qkv.shape
+                q, k, _ = qkv.float().reshape(N, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+                q, k = attn.q_norm(q.to(qkv.dtype)).float(), attn.k_norm(k.to(qkv.dtype)).float()
+                q, k = q[:, :, prefix:], k[:, :, prefix:]  # patch tokens only: (N, heads, grid**2, head_dim)
+                captured.append((q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1))
+
+            return hook
+
+        try:
+            for layer in layers:
+                attn = blocks[layer - 1].attn
+                handles.append(attn.qkv.register_forward_hook(capture(attn)))
+            tokens = self.encode(images, class_token=class_token)
+        finally:
+            for handle in handles:
+                handle.remove()
+        order = sorted(range(len(layers)), key=lambda i: layers[i])  # hooks fire in block order
+        probs = [None] * len(layers)
+        for position, i in enumerate(order):
+            probs[i] = captured[position]
+        return tokens, probs
 
     @property
     def num_params(self) -> int:

@@ -140,6 +140,10 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.fused_attn = fused_attn
+        # HASTE: a block whose attention is aligned computes its logits explicitly and keeps them (self.logits,
+        # (N, heads, T, T)) for the loss; every other block stays on the fused kernel.
+        self.record_logits = False
+        self.logits = None
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
@@ -154,7 +158,10 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (N, heads, T, head_dim)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.fused_attn:
+        if self.record_logits:
+            self.logits = q @ k.transpose(-2, -1) * self.scale  # (N, heads, T, T)
+            x = self.logits.softmax(dim=-1) @ v
+        elif self.fused_attn:
             x = F.scaled_dot_product_attention(q, k, v)
         else:
             x = self._attention_probs(q, k) @ v
@@ -379,6 +386,7 @@ class SiT(nn.Module):
                 for _ in range(depth)
             ]
         )
+        self._recorded_layers = []  # HASTE: blocks whose attention logits are kept (record_attention)
         self.projection_layer_type = projection_layer_type
         self.projectors = nn.ModuleList(
             [
@@ -420,6 +428,27 @@ class SiT(nn.Module):
         if self.final_layer.linear_cls is not None:  # REG: the class-token velocity starts at 0 too
             nn.init.zeros_(self.final_layer.linear_cls.weight)
             nn.init.zeros_(self.final_layer.linear_cls.bias)
+
+    def record_attention(self, layers=()):
+        """HASTE: keep the attention logits of these 1-based blocks at every forward (explicit softmax there);
+        () switches recording off and returns all blocks to the fused kernel."""
+        bad = [layer for layer in layers if not 1 <= layer <= len(self.blocks)]
+        if bad:
+            raise ValueError(f"the SiT has blocks 1..{len(self.blocks)}; attention layers {bad} do not exist")
+        for i, block in enumerate(self.blocks):
+            block.attn.record_logits = i + 1 in layers
+            block.attn.logits = None
+        self._recorded_layers = list(layers)
+
+    def attention_logits(self):
+        """The logits (N, heads, T, T) kept by the last forward, in the order record_attention was given.
+        Reading them releases the blocks' references, so they live no longer than the step's graph."""
+        logits = [self.blocks[layer - 1].attn.logits for layer in self._recorded_layers]
+        if any(x is None for x in logits):
+            raise RuntimeError("no attention logits recorded: call record_attention(layers), then forward")
+        for layer in self._recorded_layers:
+            self.blocks[layer - 1].attn.logits = None
+        return logits
 
     def unpatchify(self, x):
         """(N, T, p*p*C) -> (N, C, H, W)."""
