@@ -84,9 +84,7 @@ class TextEncoder:
 
 def _clip_tokenizer(tokenizer):
     def tokenize(captions):
-        batch = tokenizer(
-            captions, truncation=True, max_length=MAX_LENGTH, padding="max_length", return_tensors="pt"
-        )
+        batch = tokenizer(captions, truncation=True, max_length=MAX_LENGTH, padding="max_length", return_tensors="pt")
         return batch["input_ids"]
 
     return tokenize
@@ -140,7 +138,7 @@ def load_text_encoder(name: str = CLIP_L14_TEXT, device="cpu", weights: str = "p
                 f"--text-encoder {name}: the folder does not hold a CLIPTextModel and CLIPTokenizer ({e})"
             ) from e
         raise TextEncoderNotFoundError(
-            f"cannot find the text encoder {name!r} ({e}). With network access, fetch it once: `python -c \"from "
+            f'cannot find the text encoder {name!r} ({e}). With network access, fetch it once: `python -c "from '
             f"transformers import CLIPTextModel, CLIPTokenizer; CLIPTokenizer.from_pretrained('{name}'); "
             f"CLIPTextModel.from_pretrained('{name}')\"`; or pass --text-encoder /local/folder holding both"
         ) from e
