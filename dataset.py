@@ -395,6 +395,14 @@ class CaptionedDataset(Dataset):
             raise ValueError(f"{self._path(index, caption)} is {context.shape}, expected {self.empty_context.shape}")
         return image, x, context
 
+    def caption_tokens(self, k: int, caption: int) -> np.ndarray:
+        """(L, D) float32 tokens of caption `caption` of item k (no image read: for sampling from captions)."""
+        path = self._path(int(self.indices[k]), caption)
+        context = self._read(path, "npy").astype(np.float32, copy=False)
+        if context.shape != self.empty_context.shape:
+            raise ValueError(f"{path} is {context.shape}, expected {self.empty_context.shape}")
+        return context
+
     def __len__(self) -> int:
         return len(self.indices)
 

@@ -326,9 +326,10 @@ def describe_protocol(protocol: dict) -> str:
     """One line naming how a sample batch was made (sample_ddp.py's `protocol`), for tables of FIDs."""
     low, high = protocol["guidance_interval"]
     cfg = f"CFG {protocol['cfg_scale']} in [{low}, {high}]" if protocol["cfg_scale"] > 1 else "no CFG"
+    labels = protocol["labels"] if "captions" in protocol["labels"] else f"{protocol['labels']} labels"  # T2I: captions
     return (
         f"{protocol['sampler']} {protocol['num_steps']} steps (NFE {protocol['nfe']}), {cfg}, "
-        f"{protocol['labels']} labels, {protocol['quantization']} quantization, N={protocol['num_samples']}, "
+        f"{labels}, {protocol['quantization']} quantization, N={protocol['num_samples']}, "
         f"{protocol['weights']} weights, {protocol['precision']}"
     )
 
