@@ -189,10 +189,14 @@ def load_mmdit(ckpt, ckpt_path, state_dict, settings, model_name=None, encoder_d
         kwargs = mmdit_kwargs_from_state_dict(state_dict, settings)
         if encoder_depth is not None:
             kwargs["encoder_depth"] = encoder_depth
-    name = model_name or settings.get("model") or f"MMDiT-d{kwargs['depth']}/{kwargs.get('patch_size', 2)}"
-    if name not in T2I_MODELS:
+    name = model_name or settings.get("model")
+    if name is None:  # official weights: the depth is the size (any depth, as officially), named like ours
+        name = f"MMDiT-d{kwargs['depth']}/{kwargs['patch_size']}"
+        model = MMDiT(**kwargs)
+    elif name not in T2I_MODELS:
         raise ValueError(f"{ckpt_path} holds MMDiT weights but --model {name} is not one of {list(T2I_MODELS)}")
-    model = T2I_MODELS[name](**kwargs)
+    else:
+        model = T2I_MODELS[name](**kwargs)
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
