@@ -48,6 +48,7 @@ class TrainConfig:
     enc_weights: str = "pretrained"  # pretrained | random (random checks the pipeline, not the method)
     proj_coeff: float = 0.5  # lambda; 0 trains a vanilla SiT
     cache_targets: bool = False  # keep encoder tokens per item in memory (small datasets only, e.g. the demo)
+    target_cache: str = ""  # folder of `dataset_tools.py encode-targets`: tokens read from disk, encoders not run
     # --- iREPA (Singh et al. 2025; defaults are REPA's, as in iREPA's own train.py) --------------------
     projection_layer_type: str = "mlp"  # mlp (REPA) | linear | conv (a conv over the token grid; iREPA: conv)
     proj_kwargs_kernel_size: int = 1  # conv kernel, 1 | 3 | 5 | 7 (iREPA: 3)
@@ -83,10 +84,10 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     ema_decay: float = 0.9999  # updated on optimizer steps only
-    max_nonfinite_steps: int = 10  # skipped steps with non-finite loss before the run stops
+    max_nonfinite_steps: int = 10  # skipped steps (non-finite loss or gradient) before the run stops
     mixed_precision: str = "fp16"  # no | fp16 | bf16
     allow_tf32: bool = True
-    compile: bool = False  # torch.compile the model
+    compile: bool = True  # torch.compile model and encoders where it works (CUDA; CPU with a C++ compiler)
 
     def __post_init__(self):
         choices = {
@@ -132,6 +133,11 @@ class TrainConfig:
         if self.proj_kwargs_kernel_size not in (1, 3, 5, 7):  # iREPA's choices: odd, so the grid keeps its size
             raise ValueError(
                 f"config key 'proj_kwargs_kernel_size': {self.proj_kwargs_kernel_size} is not 1, 3, 5 or 7"
+            )
+        if self.target_cache and self.cache_targets:
+            raise ValueError(
+                f"config keys 'target_cache' ({self.target_cache}) and 'cache_targets': choose one; the on-disk "
+                "cache already holds every item's tokens"
             )
         if not 0 <= self.cfg_prob < 1:
             raise ValueError(f"config key 'cfg_prob': {self.cfg_prob} must lie in [0, 1)")

@@ -49,7 +49,9 @@ class ImageLatentDataset(Dataset):
     is decided by the sampler's deterministic index stream instead of worker RNG. Mirrored items use
     the stored moments of the mirrored image (vae-sd-flip/, written by `encode --flip`) when present;
     otherwise the stored moments are mirrored along W, which only approximates them (the VAE is not
-    exactly flip-equivariant), and a warning says so.
+    exactly flip-equivariant), and a warning says so. Cached encoder targets (`dataset_tools.py
+    encode-targets --flip`, train.py --target-cache) use the same indices: row N + k holds the tokens of
+    item k's image reversed along W, the very tensor item N + k returns.
     """
 
     def __init__(

@@ -434,6 +434,7 @@ def sampling_manifest(args, training: dict, settings: dict, num_classes: int) ->
         "batch_size": args.batch_size,  # batch composition changes float rounding, so it is part of the recipe
         "precision": args.precision,
         "quantization": args.quantization,
+        **({"compile": True} if args.compile else {}),  # compiled kernels round differently (absent: eager)
         **training,
     }
 
@@ -556,6 +557,9 @@ def build_parser():
     p.add_argument("--labels", choices=("random", "balanced"), default="random", help="random: the paper's protocol")
     p.add_argument("--quantization", choices=tuple(QUANTIZATIONS), default="repa", help="repa: the paper's protocol")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument(
+        "--compile", type=parse_bool, default=False, help="torch.compile the model call (CUDA; CPU with g++)"
+    )
     # What must match training comes from the checkpoint; these flags override it (with a warning).
     p.add_argument("--path-type", choices=("linear", "cosine"), default=None, help="default: the checkpoint's")
     p.add_argument("--vae", default=None, help="ema | mse | hub name | folder (default: the checkpoint's, else ema)")
@@ -640,6 +644,15 @@ def main(argv=None):
     stochastic = args.mode in ("sde", "ddpm") or (args.mode == "ddim" and args.ddim_eta > 0)
     shape = (model.in_channels, model.input_size, model.input_size)
     nfe = count_nfe(sampler, model, shape, kwargs, stochastic, conditions.null[None] if is_t2i else None)
+    net = model
+    if args.compile:
+        from train import compile_available
+
+        available, note = compile_available(device)
+        if not available:
+            raise RuntimeError(f"--compile true: torch.compile cannot run here ({note}); pass --compile false")
+        # Compiled calls draw no random numbers (eval mode), so samples equal eager ones up to float rounding.
+        net = torch.compile(model)
 
     # Fixed global batches; batch b goes to rank b % world. A batch is redone only if a PNG of it is missing.
     n, bs = args.num_fid_samples, args.batch_size
@@ -660,7 +673,7 @@ def main(argv=None):
         else:
             y = torch.from_numpy(labels_all[indices.start : indices.stop]).to(device)
         with torch.no_grad(), autocast:
-            z = sampler(model, noise, y, **kwargs, **({"generator": gens} if stochastic else {}))
+            z = sampler(net, noise, y, **kwargs, **({"generator": gens} if stochastic else {}))
             images = quantize(decode(z.float()), args.quantization)
         for i, array in zip(indices, images):
             write_png(array, png_path(sample_dir, i))

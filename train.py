@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch.optim.optimizer import _get_fused_kernels_supported_devices
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -44,6 +46,7 @@ from models.mmdit import mmdit_flops
 from models.sit import sit_flops
 from models.vae import VAENotFoundError, latent_decoder, load_vae
 from preprocessing.layout import CAPTIONS_JSON, is_coco_layout
+from preprocessing.target_cache import open_target_cache
 from samplers import euler_sampler
 
 CHECKPOINT_PATTERN = re.compile(r"^(\d{7})\.pt$")
@@ -75,19 +78,26 @@ def sample_latents(x, cfg: TrainConfig):
 
 
 @torch.no_grad()
-def update_ema(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, over parameters (buffers are fixed)."""
+def update_ema(ema, model, decay, apply=None):
+    """ema <- decay * ema + (1 - decay) * model, over parameters (buffers are fixed), as one foreach op.
+
+    apply: an optional bool tensor on the device; False leaves the EMA unchanged (a skipped step) without
+    a host-device sync: the lerp weight becomes (1 - decay) * apply = 0.
+    """
     ema_params = list(ema.parameters())
-    torch._foreach_lerp_(
-        ema_params, [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)], 1 - decay
-    )
+    weight = 1 - decay
+    if apply is not None:
+        weight = torch.tensor(weight, device=apply.device) * apply
+    torch._foreach_lerp_(ema_params, [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)], weight)
 
 
 class IndexedDataset(torch.utils.data.Dataset):
-    """(index, *item): the index keys the encoder-target cache."""
+    """(index, *item[, *tokens]): the index keys the in-memory TargetCache; with `targets` (--target-cache,
+    a preprocessing.target_cache.DiskTargetCache) the item's cached tokens per encoder follow, read by the
+    DataLoader workers."""
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    def __init__(self, dataset, targets=None):
+        self.dataset, self.targets = dataset, targets
 
     def __len__(self):
         return len(self.dataset)
@@ -95,15 +105,18 @@ class IndexedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         # A (index, position) pair (text-to-image: the position picks the caption) is keyed by its index.
         key = index[0] if isinstance(index, tuple) else index
-        return (key, *self.dataset[index])
+        item = (key, *self.dataset[index])
+        return item if self.targets is None else (*item, *self.targets[key])
 
 
 class TargetCache:
-    """Encoder tokens per dataset item, computed the first time the item is drawn.
+    """Encoder tokens per dataset item, computed the first time the item is drawn (--cache-targets).
 
     Frozen encoders are deterministic, so this changes nothing but speed; it costs items x T x D floats of
     memory (the demo: 4000 x 64 x 384 x 4 B = 0.4 GB; ImageNet would need ~1 TB, use it only on small sets).
     A resumed run refills the cache in other batch compositions, so it is exact only to float rounding.
+    For large sets, and for bit-exact resumes, write the tokens once with `dataset_tools.py encode-targets`
+    and train with --target-cache DIR (preprocessing/target_cache.py): read from disk, never recomputed.
     """
 
     def __init__(self, encoders):
@@ -216,6 +229,166 @@ def save_loss_plot(stats_path: Path, png_path: Path):
 
 
 #################################################################################
+#                               The optimizer step                              #
+#################################################################################
+
+
+def make_optimizer(cfg: TrainConfig, params, device) -> torch.optim.AdamW:
+    """AdamW as the paper's, fused into one kernel per step where the device has it (CUDA, CPU, MPS, XPU),
+    else the foreach implementation. The fused kernel also takes `found_inf`: a skipped step on the device."""
+    fused = device.type in _get_fused_kernels_supported_devices()
+    return torch.optim.AdamW(
+        params,
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay,
+        eps=cfg.adam_epsilon,
+        fused=fused or None,
+        foreach=None if fused else True,
+    )
+
+
+def compile_available(device) -> tuple[bool, str]:
+    """Whether torch.compile can run here: CUDA, or a CPU with a C++ compiler (inductor's CPU backend)."""
+    if device.type == "cuda":
+        return True, "CUDA"
+    if device.type == "cpu":
+        compilers = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+        found = next((c for c in compilers if c and shutil.which(c)), None)
+        return (True, f"CPU with {found}") if found else (False, "no C++ compiler on this CPU machine (set CXX)")
+    return False, f"untested on {device.type}"
+
+
+def compile_step(model, encoders, enabled: bool, device):
+    """torch.compile the SiT and the encoders' forward where it works (compile_available), else leave them
+    eager with a warning. Returns (model, [encode function per encoder], whether compiled, a note)."""
+    available, note = compile_available(device)
+    encode = [enc.encode for enc in encoders]
+    if enabled and not available:
+        warnings.warn(f"--compile: torch.compile is off ({note}); training runs eagerly", stacklevel=2)
+    if not (enabled and available):
+        return model, encode, False, note
+    # Random ops inside compiled graphs (the model's label dropout) draw from the global generator as in
+    # eager mode: a compiled run takes the same draws as an eager one, and resumes exactly.
+    torch._inductor.config.fallback_random = True
+    return torch.compile(model), [torch.compile(fn) for fn in encode], True, note
+
+
+class TrainStep:
+    """One optimizer step: for each micro-batch, its randomness (reseeded from its data position), the latent
+    sample, the encoder targets, the loss and its backward; then the clip, AdamW and the EMA update.
+
+    train.py's loop and benchmarks/train_step.py run this same object. `targets(indices, images)` gives the
+    alignment targets, a list of (N, T, D) tokens per encoder: the frozen encoders by default (run under
+    no_grad in the training precision: the tokens feed the cosine of the loss, so they are not inference
+    tensors), or precomputed ones (a target cache) instead.
+
+    No host-device sync in a step (bf16/fp32): the finite check, summed over ranks, stays a device tensor;
+    a non-finite loss or gradient norm on any rank makes the step a no-op on the device: fused AdamW skips
+    the update through its `found_inf` input (weights, moments and Adam's step count unchanged), the EMA
+    lerps with weight 0. Such a skipped step still counts as a step (its batches are consumed, the learning
+    rate schedule and the step counter advance): the host never waits to find out. `nonfinite_steps` (a
+    device tensor, saved in checkpoints) counts them. The logged sums live on the device too; read_stats()
+    reads them, one sync per log line.
+    With fp16 the loss scaler skips overflowing steps (accelerate reads its scale: one sync per step, and
+    the loop retries the step); without a fused AdamW a skip needs one sync (foreach AdamW cannot skip).
+    """
+
+    STATS = ("loss", "proj_loss", "micro_steps", "grad_norm", "updates")
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        accelerator,
+        model,
+        raw_model,
+        ema,
+        optimizer,
+        loss_fn,
+        targets=None,
+        nonfinite_steps=0,
+        null_condition=None,  # text-to-image: the empty caption's tokens (L, D), which captions drop to
+    ):
+        self.cfg, self.accelerator, self.loss_fn, self.targets = cfg, accelerator, loss_fn, targets
+        self.null_condition = null_condition
+        self.model, self.raw_model, self.ema, self.optimizer = model, raw_model, ema, optimizer
+        self.device, self.rank = accelerator.device, accelerator.process_index
+        self.inner_optimizer = getattr(optimizer, "optimizer", optimizer)  # below accelerate's wrapper
+        self.fused = bool(self.inner_optimizer.defaults.get("fused"))
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        self.stats = torch.zeros(len(self.STATS), device=self.device, dtype=dtype)  # sums since read_stats()
+        self.nonfinite_steps = torch.tensor(nonfinite_steps, device=self.device)  # the run's total, every rank
+
+    def __call__(self, micro_batches, step: int):
+        """micro_batches: gradient_accumulation_steps tuples (position, indices, images, x, labels, *cached)
+        on the device, position = the stream position of the batch's first item (all ranks), cached = the
+        items' stored encoder tokens (--target-cache), one tensor per encoder, or nothing; step: 0-based."""
+        cfg, accelerator = self.cfg, self.accelerator
+        bad_losses = torch.zeros((), device=self.device)  # this rank's non-finite micro-step losses
+        for position, indices, images, x, labels, *cached in micro_batches:
+            torch.manual_seed(step_seed(cfg.seed, self.rank, position))  # all randomness of this micro-step
+            x = sample_latents(x, cfg)
+            if self.null_condition is not None and cfg.cfg_prob > 0:
+                # Caption dropout (the official CFGDataset's p_uncond): an item's tokens become the empty
+                # caption's with probability cfg_prob; drawn from this micro-step's seed, so resumes are exact.
+                drop = torch.rand(labels.shape[0], device=x.device) < cfg.cfg_prob
+                labels = torch.where(drop[:, None, None], self.null_condition.to(labels.dtype), labels)
+            if cfg.legacy:
+                # Official --legacy: the loop drops labels with cfg_prob, then the model drops them again,
+                # so the effective rate is 1 - (1 - p)^2 (0.19 for p = 0.1). Only to reproduce early runs.
+                drop = torch.rand(labels.shape[0], device=x.device) < cfg.cfg_prob
+                labels = torch.where(drop, cfg.num_classes, labels)
+            with torch.no_grad(), accelerator.autocast():
+                if cached:  # --target-cache: stored tokens, in fp32 as the loss computes the alignment
+                    zs_target = [z.float() for z in cached]
+                else:
+                    zs_target = self.targets(indices, images) if self.targets is not None else []
+            with accelerator.accumulate(self.model), accelerator.autocast():
+                terms = self.loss_fn(self.model, x, labels, zs_target)
+                # A non-finite loss still runs its backward, so DDP's gradient reduction stays in step.
+                accelerator.backward(terms.total)
+            finite = torch.isfinite(terms.total.detach())
+            bad_losses += ~finite
+            logged = torch.stack([terms.denoising.detach().mean().float(), terms.proj.detach().float(), finite.float()])
+            self.stats[:3] += torch.where(finite, logged, 0).to(self.stats.dtype)
+
+        # ---- the update: gradients are synchronised now (last micro-step) ----
+        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        bad_losses = accelerator.reduce(bad_losses, reduction="sum")  # every rank takes the same decision
+        skip = (bad_losses > 0) | ~torch.isfinite(grad_norm)
+        for group in self.optimizer.param_groups:  # a function of the step: resumes exactly
+            group["lr"] = learning_rate_at(cfg, step)
+        if accelerator.scaler is not None or self.fused:
+            if accelerator.scaler is None:
+                self.inner_optimizer.found_inf = skip.float()  # the fused kernel skips on the device
+            self.optimizer.step()
+            self.inner_optimizer.__dict__.pop("found_inf", None)
+        elif not skip.item():  # foreach AdamW cannot skip by itself: one sync
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_ema(self.ema, self.raw_model, cfg.ema_decay, apply=~skip)
+        # fp16: overflows are the loss scaler's business (not counted); other precisions count every skip.
+        self.nonfinite_steps += bad_losses > 0 if accelerator.scaler is not None else skip
+        logged = torch.stack([torch.where(skip, 0, grad_norm.detach().float()), (~skip).float()])
+        self.stats[3:] += logged.to(self.stats.dtype)
+
+    def read_stats(self) -> dict:
+        """Means over the steps since the last call, summed over ranks (one sync), and the counts."""
+        sums = self.accelerator.reduce(self.stats.clone(), reduction="sum")
+        *sums, nonfinite = torch.cat([sums, self.nonfinite_steps.view(1).to(sums.dtype)]).tolist()
+        world = self.accelerator.num_processes
+        values = dict(zip(self.STATS, sums))
+        self.stats.zero_()
+        micro, updates = max(values["micro_steps"], 1), max(values["updates"] / world, 1)
+        return {
+            "loss": values["loss"] / micro,
+            "proj_loss": values["proj_loss"] / micro,
+            "grad_norm": values["grad_norm"] / world / updates,  # the same on every rank
+            "nonfinite_steps": int(nonfinite),
+        }
+
+
+#################################################################################
 #                                 Training loop                                 #
 #################################################################################
 
@@ -265,6 +438,8 @@ def train(cfg: TrainConfig):
     if is_t2i:
         if cfg.hflip or cfg.legacy:
             raise ValueError("--hflip and --legacy do not apply to text-to-image training (captions say left/right)")
+        if cfg.target_cache:
+            raise ValueError("--target-cache is not implemented for text-to-image data yet; use --cache-targets")
         # The caption of each draw comes from (seed, stream position): exact resume, any number of processes.
         dataset = CaptionedDataset(cfg.data_dir, "train", latents=not cfg.pixel_space, seed=cfg.seed)
         empty_context = torch.from_numpy(dataset.empty_context).to(device)  # (L, D): the null condition
@@ -300,6 +475,10 @@ def train(cfg: TrainConfig):
         encoders = load_encoders(
             cfg.enc_type, device, enc_resolution, ckpt_path=cfg.enc_ckpt or None, enc_weights=cfg.enc_weights
         )
+    # --target-cache: the encoders' tokens come from disk with each item; checked against this run first.
+    disk_targets = open_target_cache(cfg.target_cache, encoders, dataset, cfg.hflip) if cfg.target_cache else None
+    if disk_targets is not None:
+        log(f"encoder targets read from {disk_targets.describe()}; the encoders are not run")
     size_overrides = {k: v for k in ("depth", "hidden_size", "num_heads") if (v := getattr(cfg, k))}
     model_kwargs = dict(  # saved in every checkpoint: sample_ddp.py rebuilds the model from them
         **size_overrides,
@@ -332,13 +511,7 @@ def train(cfg: TrainConfig):
         )
     model = all_models[cfg.model](**model_kwargs).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        weight_decay=cfg.adam_weight_decay,
-        eps=cfg.adam_epsilon,
-    )
+    optimizer = make_optimizer(cfg, model.parameters(), device)
     for enc in encoders:
         log(
             f"encoder {enc.spec.name} ({enc.weights_source}): {enc.num_params / 1e6:.1f}M parameters, "
@@ -383,14 +556,13 @@ def train(cfg: TrainConfig):
         accelerator.scaler.load_state_dict(ckpt["scaler"])
     del ckpt
     raw_model = accelerator.unwrap_model(model)  # before compiling: checkpoint keys stay the official ones
-    if cfg.compile:
-        model = torch.compile(model)
+    model, encode, use_compile, compile_note = compile_step(model, encoders, cfg.compile, device)
 
     sampler = ResumableSampler(
         len(dataset), micro_global, cfg.seed, rank, world, start_index=position, with_position=is_t2i
     )
     loader = DataLoader(
-        IndexedDataset(dataset),
+        IndexedDataset(dataset, disk_targets),
         batch_size=sampler.local_batch_size,
         sampler=sampler,
         num_workers=cfg.num_workers,
@@ -411,8 +583,19 @@ def train(cfg: TrainConfig):
             spnorm_method=cfg.spnorm_method,
             zscore_alpha=cfg.zscore_alpha,
         )
-    autocast = accelerator.autocast  # encoders run in the training precision too
-    cache = TargetCache(encoders) if cfg.cache_targets and encoders else None
+    autocast = accelerator.autocast  # previews run in the training precision too
+    if disk_targets is not None:
+        targets = None  # the tokens come with each batch (IndexedDataset)
+    elif cfg.cache_targets and encoders:
+        targets = TargetCache(encoders)
+    elif encoders:
+        targets = lambda indices, images: [fn(images) for fn in encode]  # noqa: E731
+    else:
+        targets = None
+    train_step = TrainStep(
+        cfg, accelerator, model, raw_model, ema, optimizer, loss_fn, targets, nonfinite_steps,
+        null_condition=empty_context if is_t2i else None,
+    )  # fmt: skip
 
     # Previews: the same noise and labels every time, sampled from the EMA weights.
     decode = load_preview_decoder(cfg, device, log) if is_main and cfg.sampling_steps > 0 else None
@@ -434,86 +617,46 @@ def train(cfg: TrainConfig):
     if accelerator.trackers:
         accelerator.init_trackers(cfg.exp_name, config=cfg.to_dict())
     stats_path = run_dir / "stats.jsonl"
-    new_window = lambda: dict(loss=0.0, proj_loss=0.0, grad_norm=0.0, micro=0, opt_steps=0, start=time.time())
-    window = new_window()  # sums over the current logging interval
+    window_start, window_steps = time.time(), 0  # img/s over the current logging interval
+    compile_s = None  # the first step's wall time when compiling (compilation dominates it)
     data_iter = iter(loader)
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
     model.train()
 
     while step < total_steps:
         # ---- one optimizer step over gradient_accumulation_steps micro-batches ----
-        step_finite = True
+        micro_batches = []
         for _ in range(cfg.gradient_accumulation_steps):
-            torch.manual_seed(step_seed(cfg.seed, rank, position))  # all randomness of this micro-step
-            indices, images, x, labels = (t.to(device, non_blocking=True) for t in next(data_iter))
+            micro_batches.append((position, *(t.to(device, non_blocking=True) for t in next(data_iter))))
             position += micro_global
-            x = sample_latents(x, cfg)
-            if is_t2i and cfg.cfg_prob > 0:
-                # Caption dropout (the official CFGDataset's p_uncond): an item's tokens become the empty
-                # caption's with probability cfg_prob; drawn from this micro-step's seed, so resumes are exact.
-                drop = torch.rand(labels.shape[0], device=device) < cfg.cfg_prob
-                labels = torch.where(drop[:, None, None], empty_context.to(labels.dtype), labels)
-            if cfg.legacy:
-                # Official --legacy: the loop drops labels with cfg_prob, then the model drops them again,
-                # so the effective rate is 1 - (1 - p)^2 (0.19 for p = 0.1). Only to reproduce early runs.
-                drop = torch.rand(labels.shape[0], device=device) < cfg.cfg_prob
-                labels = torch.where(drop, cfg.num_classes, labels)
-            with torch.no_grad(), autocast():
-                zs_target = cache(indices, images) if cache else [enc.encode(images) for enc in encoders]
-            with accelerator.accumulate(model), autocast():
-                terms = loss_fn(model, x, labels, zs_target)
-                finite = torch.isfinite(terms.total.detach()).float()
-                finite = bool(accelerator.reduce(finite, reduction="sum") == world)  # all ranks agree
-                step_finite = step_finite and finite
-                # A non-finite loss still runs a (zero) backward, so DDP's gradient reduction stays in step.
-                loss = terms.total if finite else sum(p.sum() for p in model.parameters()) * 0.0
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    if step_finite:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                        for group in optimizer.param_groups:  # a function of the step: resumes exactly
-                            group["lr"] = learning_rate_at(cfg, step)
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            if finite:
-                window["loss"] += terms.denoising.mean().item()
-                window["proj_loss"] += terms.proj.item()
-                window["micro"] += 1
-
-        if not step_finite:
-            nonfinite_steps += 1
-            log(f"step {step}: non-finite loss, update skipped ({nonfinite_steps}/{cfg.max_nonfinite_steps})")
-            if nonfinite_steps >= cfg.max_nonfinite_steps:
-                raise RuntimeError(
-                    f"{nonfinite_steps} optimizer steps had a non-finite loss; stopping. Lower --learning-rate, "
-                    "use --mixed-precision bf16, or resume from an earlier checkpoint."
-                )
-            continue
+        first = compile_s is None and use_compile
+        train_step(micro_batches, step)
         if accelerator.optimizer_step_was_skipped:
             continue  # fp16 loss-scale overflow: the scaler lowered its scale; not a training step
-        update_ema(ema, raw_model, cfg.ema_decay)
         step += 1
+        window_steps += 1
         progress.update(1)
-        window["grad_norm"] += float(grad_norm)
-        window["opt_steps"] += 1
+        if first:  # compilation happened in this step: report it apart, keep it out of img/s
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            compile_s = time.time() - window_start
+            log(f"torch.compile ({compile_note}): first step took {compile_s:.1f}s")
+            window_start, window_steps = time.time(), 0
 
-        # ---- logging: means over the window, all ranks ----
+        # ---- logging: means over the window, all ranks (the one sync of the loop) ----
         if step % cfg.log_every == 0 or step == total_steps:
-            sums = torch.tensor(
-                [window["loss"], window["proj_loss"], window["micro"]], device=device, dtype=torch.float64
-            )
-            sums = accelerator.reduce(sums, reduction="sum")
-            elapsed = time.time() - window["start"]
+            window = train_step.read_stats()
+            elapsed = time.time() - window_start
+            nonfinite_steps = window.pop("nonfinite_steps")
             stats = {
                 "step": step,
-                "loss": (sums[0] / sums[2].clamp(min=1)).item(),
-                "proj_loss": (sums[1] / sums[2].clamp(min=1)).item(),
-                "grad_norm": window["grad_norm"] / max(window["opt_steps"], 1),
+                **window,
                 "lr": optimizer.param_groups[0]["lr"],
-                "img_per_s": window["opt_steps"] * effective_batch / max(elapsed, 1e-9),
+                "img_per_s": window_steps * effective_batch / max(elapsed, 1e-9),
                 "images_seen": position,
                 "peak_mem_gib": peak_memory_gib(device),
                 "nonfinite_steps": nonfinite_steps,
+                "compile_s": compile_s,
             }
             if is_main:
                 with stats_path.open("a") as f:
@@ -524,8 +667,13 @@ def train(cfg: TrainConfig):
                     grad=f"{stats['grad_norm']:.3f}",
                     img_s=f"{stats['img_per_s']:.1f}",
                 )
-            accelerator.log({k: v for k, v in stats.items() if k != "step"}, step=step)
-            window = new_window()
+            accelerator.log({k: v for k, v in stats.items() if k != "step" and v is not None}, step=step)
+            if nonfinite_steps and nonfinite_steps >= cfg.max_nonfinite_steps:
+                raise RuntimeError(
+                    f"{nonfinite_steps} optimizer steps had a non-finite loss and were skipped; stopping. Lower "
+                    "--learning-rate, use --mixed-precision bf16, or resume from an earlier checkpoint."
+                )
+            window_start, window_steps = time.time(), 0
 
         # ---- previews from the EMA model ----
         if cfg.sampling_steps > 0 and (step % cfg.sampling_steps == 0 or step == total_steps):
@@ -553,7 +701,7 @@ def train(cfg: TrainConfig):
                     "steps": step,
                     "config": cfg.to_dict(),
                     "model_kwargs": model_kwargs,
-                    "nonfinite_steps": nonfinite_steps,
+                    "nonfinite_steps": int(train_step.nonfinite_steps),
                     "data_position": position,
                 }
                 if is_t2i:  # sampling needs the null condition and the text encoder the tokens came from

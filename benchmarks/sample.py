@@ -5,7 +5,8 @@ precision, with an untrained model of the chosen size (the cost does not depend 
         --batch-size 64 --precision bf16
 
 The guidance interval matters: with [0, 0.7] the noisiest 30% of steps run the model once instead of
-twice. VAE decoding is excluded (about 1-2% of a 250-step SDE sample on a GPU); for the evaluator's
+twice. --compile true compiles the model call (as sample_ddp.py --compile true); the first (warm-up) batch
+then includes the compilation, reported apart. VAE decoding is excluded (about 1-2% of a 250-step SDE sample on a GPU); for the evaluator's
 images/s run benchmarks/evaluate.py.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from config import parse_bool  # noqa: E402
 from diffusion import ddim_sampler, ddpm_sampler  # noqa: E402
 from models import MODELS  # noqa: E402
 from models.sit import sit_flops  # noqa: E402
@@ -38,6 +40,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--compile", type=parse_bool, default=False, help="torch.compile the model call")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
 
@@ -62,13 +65,18 @@ def main():
     calls = []
     hook = model.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[0]))
     with torch.no_grad(), autocast:
-        SAMPLERS[args.mode](model, x[:1], y[:1], **kwargs)  # warm-up, and counts forward passes per sample
+        SAMPLERS[args.mode](model, x[:1], y[:1], **kwargs)  # counts forward passes per sample
     hook.remove()
+    net = torch.compile(model) if args.compile else model
+    start = time.perf_counter()
+    with torch.no_grad(), autocast:
+        SAMPLERS[args.mode](net, x, y, **kwargs)  # warm-up (and compilation) at the timed batch size
     sync()
+    warmup_s = time.perf_counter() - start
     start = time.perf_counter()
     with torch.no_grad(), autocast:
         for _ in range(args.repeats):
-            SAMPLERS[args.mode](model, x, y, **kwargs)
+            SAMPLERS[args.mode](net, x, y, **kwargs)
     sync()
     seconds = (time.perf_counter() - start) / args.repeats
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
@@ -76,7 +84,10 @@ def main():
     print(
         f"device: {name}; {args.model} {args.resolution}px, {args.mode} {args.num_steps} steps, cfg {args.cfg_scale} "
     )
-    print(f"  in [{args.guidance_low}, {args.guidance_high}], {args.precision}, batch {args.batch_size}")
+    print(
+        f"  in [{args.guidance_low}, {args.guidance_high}], {args.precision}, batch {args.batch_size}, compile {args.compile}"
+    )
+    print(f"warm-up batch{' (with compilation)' if args.compile else ''}: {warmup_s:.1f} s")
     print(f"images/s: {args.batch_size / seconds:.2f}   s/batch: {seconds:.2f}   model evaluations per image: {evals}")
     print(f"TFLOP/s: {args.batch_size * evals * sit_flops(model) / seconds / 1e12:.3f}")
     if device.type == "cuda":

@@ -1,24 +1,36 @@
-"""Training-step throughput of SiT + REPA: ms/step, img/s, peak memory and MFU.
+"""Training-step throughput of SiT + REPA: ms/step, img/s, peak memory, TFLOP/s and MFU of train.py's own step.
 
     python benchmarks/train_step.py --model SiT-B/2 --batch-size 32 --precision bf16 [--enc-type dinov2-vit-b]
+    python benchmarks/train_step.py --model SiT-B/2 --batch-size 8 --precision fp32 --compile false --json
 
-Random latents and images stand in for data (this measures the model, encoder and optimizer, not I/O;
-benchmarks/dataset.py measures loading). Encoders use random weights unless --enc-weights pretrained.
-MFU = achieved FLOP/s / peak, where the FLOPs of a step are the SiT forward x 3 (forward + backward)
-plus the frozen encoder's forward, both counted analytically (2 x multiply-accumulates).
+It times train.TrainStep, the object train.py's loop calls: per micro-batch the seeded latent sample, the
+encoder targets (or --target-cache: precomputed tokens passed in instead of running the encoder), the loss
+and backward; then the clip, fused AdamW and the EMA. Random latent moments and images stand in for data
+(this measures the step, not I/O; benchmarks/dataset.py measures loading); encoders have random weights
+unless --enc-weights pretrained (the cost does not depend on them).
+
+compile_s is the wall time of the first step when compiling (compilation dominates it); ms_per_step is the
+mean of --steps steps after --warmup. FLOPs of a step: the SiT forward x 3 (forward + backward) plus the
+frozen encoder's forward, counted analytically (2 x multiply-accumulates). MFU = achieved / peak FLOP/s,
+null where the peak is unknown (CPUs: pass --peak-tflops).
 """
 
 import argparse
+import copy
+import json
 import sys
 import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from config import TrainConfig, parse_bool  # noqa: E402
 from loss import REPALoss  # noqa: E402
 from models.encoders import load_encoders  # noqa: E402
 from models.sit import SiT_models, sit_flops  # noqa: E402
+from train import TrainStep, compile_step, make_optimizer, peak_memory_gib  # noqa: E402
 
 # Dense peak TFLOP/s by device name fragment and precision (vendor datasheets, no sparsity).
 PEAK_TFLOPS = {
@@ -26,6 +38,7 @@ PEAK_TFLOPS = {
     "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
     "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
 }
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 def peak_tflops(device, precision, override):
@@ -36,10 +49,10 @@ def peak_tflops(device, precision, override):
         for key, table in PEAK_TFLOPS.items():
             if key in name:
                 return table[precision]
-    return None  # CPU: pass --peak-tflops to get an MFU
+    return None
 
 
-def main():
+def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="SiT-B/2")
     p.add_argument("--batch-size", type=int, default=32)
@@ -47,74 +60,130 @@ def main():
     p.add_argument("--enc-type", default="dinov2-vit-b", help="'none' for a vanilla SiT")
     p.add_argument("--enc-weights", default="random")
     p.add_argument("--encoder-depth", type=int, default=4)
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--precision", choices=tuple(MIXED_PRECISION), default="fp32")
+    p.add_argument("--target-cache", type=parse_bool, default=False, help="precomputed targets, no encoder forward")
+    p.add_argument("--compile", type=parse_bool, default=True, help="torch.compile where it works (train.py's)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for the MFU (needed on CPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for the MFU (needed on a CPU)")
+    p.add_argument("--json", action="store_true", help="print one JSON line instead of text")
+    return p
 
-    device = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    latent = args.resolution // 8
+
+def build_step(args):
+    """train.py's step on a fresh SiT (+ encoders) at these settings: (step(k) -> None, info dict)."""
+    cfg = TrainConfig(
+        model=args.model,
+        batch_size=args.batch_size,
+        resolution=args.resolution,
+        enc_type=args.enc_type,
+        enc_weights=args.enc_weights,
+        encoder_depth=args.encoder_depth,
+        proj_coeff=0.0 if args.enc_type == "none" else 0.5,
+        mixed_precision=MIXED_PRECISION[args.precision],
+        compile=args.compile,
+    )
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    device = accelerator.device
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
+        torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
+    torch.manual_seed(0)
     encoders = (
         []
-        if args.enc_type == "none"
-        else load_encoders(args.enc_type, device, args.resolution, enc_weights=args.enc_weights)
+        if not cfg.encoder_names
+        else load_encoders(cfg.enc_type, device, cfg.resolution, enc_weights=cfg.enc_weights)
     )
-    model = SiT_models[args.model](
-        input_size=latent, num_classes=1000, z_dims=[e.embed_dim for e in encoders], encoder_depth=args.encoder_depth
-    ).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
-    scaler = torch.amp.GradScaler(enabled=args.precision == "fp16")
-    step_model = torch.compile(model) if args.compile else model
-    loss_fn = REPALoss(proj_coeff=0.5 if encoders else 0.0)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=args.precision != "fp32")
+    latent = cfg.resolution // 8
+    model = SiT_models[cfg.model](
+        input_size=latent, num_classes=cfg.num_classes, z_dims=[e.embed_dim for e in encoders],
+        encoder_depth=cfg.encoder_depth,
+    ).to(device)  # fmt: skip
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = make_optimizer(cfg, model.parameters(), device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+    model, encode, compiled, _ = compile_step(model, encoders, cfg.compile, device)
+    n = cfg.batch_size
+    if args.target_cache and encoders:
+        # What a target cache holds: each item's tokens in half precision, read instead of running the encoder.
+        cached = [torch.randn(n, e.grid**2, e.embed_dim, device=device).to(torch.bfloat16) for e in encoders]
+        targets = lambda indices, images: [z.float() for z in cached]  # noqa: E731
+    elif encoders:
+        targets = lambda indices, images: [fn(images) for fn in encode]  # noqa: E731
+    else:
+        targets = None
+    loss_fn = REPALoss(proj_coeff=cfg.proj_coeff)
+    train_step = TrainStep(cfg, accelerator, model, raw_model, ema, optimizer, loss_fn, targets)
+    model.train()
 
-    n = args.batch_size
-    x = torch.randn(n, 4, latent, latent, device=device)
-    y = torch.randint(0, 1000, (n,), device=device)
-    images = torch.randint(0, 256, (n, 3, args.resolution, args.resolution), dtype=torch.uint8, device=device)
+    indices = torch.arange(n, device=device)
+    images = torch.randint(0, 256, (n, 3, cfg.resolution, cfg.resolution), dtype=torch.uint8, device=device)
+    moments = torch.cat([torch.randn(n, 4, latent, latent), torch.rand(n, 4, latent, latent)], dim=1).to(device)
+    labels = torch.randint(0, cfg.num_classes, (n,), device=device)
 
-    def step():
-        with torch.no_grad(), autocast:
-            zs = [e.encode(images) for e in encoders]
-        with autocast:
-            terms = loss_fn(step_model, x, y, zs)
-        scaler.scale(terms.total).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+    def step(k):
+        train_step([(k * n, indices, images, moments, labels)], k)
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(args.warmup):
-        step()
-    sync()
+    flops = n * (
+        3 * sit_flops(raw_model) + (0 if args.target_cache else sum(2e9 * e.gmacs_per_image() for e in encoders))
+    )
+    info = dict(device=device, compiled=compiled, flops_per_step=flops, train_step=train_step)
+    return step, info
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main():
+    args = parser().parse_args()
+    step, info = build_step(args)
+    device = info["device"]
+    start = time.perf_counter()
+    step(0)
+    info["train_step"].read_stats()  # waits for the device
+    first_s = time.perf_counter() - start
+    for k in range(1, args.warmup):
+        step(k)
+    synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync()
+    for k in range(args.warmup, args.warmup + args.steps):
+        step(k)
+    synchronize(device)
     seconds = (time.perf_counter() - start) / args.steps
+    stats = info["train_step"].read_stats()
 
-    flops = n * (3 * sit_flops(model) + sum(2e9 * e.gmacs_per_image() for e in encoders))
+    tflops = info["flops_per_step"] / seconds / 1e12
     peak = peak_tflops(device, args.precision, args.peak_tflops)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {name}; {args.model}, batch {n}, {args.resolution}px, {args.precision}, encoders: {args.enc_type}")
-    print(f"ms/step: {1000 * seconds:.1f}   img/s: {n / seconds:.1f}   TFLOP/s: {flops / seconds / 1e12:.3f}")
-    if device.type == "cuda":
-        print(f"peak memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
-    else:
-        import resource
-
-        print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
-    print(f"MFU: {flops / seconds / 1e12 / peak:.1%} of {peak} TFLOP/s" if peak else "MFU: pass --peak-tflops")
+    result = {
+        "ms_per_step": 1000 * seconds,
+        "img_per_s": args.batch_size / seconds,
+        "peak_mem_gib": peak_memory_gib(device),
+        "tflops": tflops,
+        "mfu": tflops / peak if peak else None,
+        "compile_s": first_s if info["compiled"] else None,
+        "loss": stats["loss"],
+        "settings": {
+            "device": name, "model": args.model, "batch_size": args.batch_size, "resolution": args.resolution,
+            "precision": args.precision, "enc_type": args.enc_type, "target_cache": args.target_cache,
+            "compile": info["compiled"], "steps": args.steps, "warmup": args.warmup, "torch": torch.__version__,
+        },
+    }  # fmt: skip
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"device: {name}; {args.model}, batch {args.batch_size}, {args.resolution}px, {args.precision}, "
+          f"encoders: {args.enc_type}{' (cached targets)' if args.target_cache else ''}, compile {info['compiled']}")  # fmt: skip
+    print(f"ms/step: {result['ms_per_step']:.1f}   img/s: {result['img_per_s']:.2f}   TFLOP/s: {tflops:.3f}")
+    print(f"peak memory: {result['peak_mem_gib']:.2f} GiB" + (" (process RSS)" if device.type != "cuda" else ""))
+    if info["compiled"]:
+        print(f"compile (first step): {first_s:.1f} s")
+    print(f"MFU: {result['mfu']:.1%} of {peak} TFLOP/s" if peak else "MFU: unknown peak (pass --peak-tflops)")
 
 
 if __name__ == "__main__":

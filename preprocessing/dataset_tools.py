@@ -1,13 +1,16 @@
-"""ImageNet -> the official REPA layout: `convert` crops images to PNG, `encode` stores SD-VAE moments;
+"""ImageNet -> the official REPA layout: `convert` crops images to PNG, `encode` stores SD-VAE moments,
+`encode-targets` stores the frozen encoders' tokens for train.py --target-cache (format: target_cache.py);
 MS-COCO -> the text-to-image layout: `coco` stores crops, SD-VAE moments and CLIP caption tokens.
 
 The official command lines work unchanged (new flags are optional):
     python preprocessing/dataset_tools.py convert --source=ILSVRC/Data/CLS-LOC/train \
         --dest=DIR/images --resolution=256x256 --transform=center-crop-dhariwal
     python preprocessing/dataset_tools.py encode --source=DIR/images --dest=DIR/vae-sd
+    python preprocessing/dataset_tools.py encode-targets --source=DIR/images --dest=DIR/targets --flip
     python preprocessing/dataset_tools.py coco --source=COCO --dest=DIR/coco256_features   # text-to-image
 Multi-process: launch the same command with `torchrun --nproc_per_node=N` or `accelerate launch`; each
-rank takes the disjoint shard items[rank::world_size] and rank 0 writes dataset.json at the end. The
+rank takes the disjoint shard items[rank::world_size] (encode-targets: the shard files rank, rank +
+world_size, ...) and rank 0 writes dataset.json (manifest.json) at the end. The
 files are the same for any number of processes. A rerun of the same command skips outputs that exist
 and pass a header check, so a killed run resumes; every file is written to a temp name and renamed.
 
@@ -22,6 +25,7 @@ import json
 import os
 import shutil
 import sys
+import time
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -38,8 +42,10 @@ if __package__ in (None, ""):
     # importable so the `preprocessing` package resolves.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dataset import ImageLatentDataset  # noqa: E402
+from models.encoders import load_encoders  # noqa: E402
 from models.vae import VAE_NAMES, encode_mean_logvar, encode_moments, load_vae  # noqa: E402
-from preprocessing import layout  # noqa: E402
+from preprocessing import layout, target_cache  # noqa: E402
 
 # We check sizes ourselves (--max-pixels) so that huge images are reported, not raised from PIL.
 PIL.Image.MAX_IMAGE_PIXELS = None
@@ -535,6 +541,145 @@ def encode(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
+# encode-targets: the frozen encoders' tokens, for train.py --target-cache (format: target_cache.py)
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _DatasetImages(torch.utils.data.Dataset):
+    """Item k -> (item index, (3, H, W) uint8 image, "" or why it could not be read). The image is
+    ImageLatentDataset's item, the very tensor train.py hands the encoder; an unreadable one yields zeros
+    and the reason, so that one bad file is reported with the others instead of stopping the workers."""
+
+    dataset: object  # ImageLatentDataset(latents=False)
+    items: list
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, k):
+        index = self.items[k]
+        try:
+            return index, self.dataset[index][0], ""
+        except ValueError as err:  # ImageLatentDataset names the file and the item
+            return index, torch.zeros(self.dataset.image_shape, dtype=torch.uint8), str(err)
+
+
+def encode_targets(args) -> int:
+    ranks = Ranks.from_env()
+    if layout.extension(args.dest) == ".zip":
+        raise ValueError(f"--dest={args.dest}: a target cache is a folder of memory-mapped shards, not a .zip")
+    if args.shard_size <= 0 or args.batch_size <= 0:
+        raise ValueError(f"--shard-size={args.shard_size} and --batch-size={args.batch_size} must be positive")
+    # The images exactly as train.py reads them: ImageLatentDataset over the folder's parent (the --data-dir).
+    data_dir, images_name = os.path.split(os.path.normpath(args.source))
+    images_name = images_name[:-4] if layout.extension(images_name) == ".zip" else images_name
+    dataset = ImageLatentDataset(data_dir or ".", latents=False, images_name=images_name)
+    items = dataset.num_items
+    resolution = args.enc_resolution or dataset.image_shape[-1]
+
+    device = torch.device(args.device or (f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu"))
+    # train.py seeds before it builds the encoders: random weights (--enc-weights random) come out the same.
+    torch.manual_seed(args.seed)
+    encoders = load_encoders(
+        args.enc_type, device, resolution, ckpt_path=args.enc_ckpt or None, enc_weights=args.enc_weights
+    )
+    manifest = {
+        "format": target_cache.FORMAT,
+        "version": target_cache.VERSION,
+        "items": items,
+        "flip": args.flip,
+        "dtype": args.dtype,
+        "shard_size": args.shard_size,
+        "precision": args.precision,  # of the encoder forward; recorded, not checked by train.py
+        "encoders": [target_cache.encoder_identity(enc) for enc in encoders],
+        "dataset": target_cache.dataset_identity(dataset),
+    }
+    _claim_dest(args.dest, {"command": "encode-targets", "source": os.path.abspath(args.source), **manifest}, ranks)
+
+    # Work unit: one shard (every encoder, plain and flipped); rank r takes shards r, r + world, ...
+    shards = target_cache.shard_ranges(items, args.shard_size)
+    views = (False, True) if args.flip else (False,)
+    outputs = [(e, flipped) for e in range(len(encoders)) for flipped in views]
+
+    def shard_shape(e, j):
+        start, stop = shards[j]
+        return stop - start, encoders[e].grid ** 2, encoders[e].embed_dim
+
+    def shard_done(j):
+        return all(
+            target_cache.shard_is_valid(target_cache.shard_path(args.dest, e, f, j), shard_shape(e, j), args.dtype)
+            for e, f in outputs
+        )
+
+    mine = list(range(ranks.rank, len(shards), ranks.world_size))
+    pending = [j for j in mine if not shard_done(j)]
+    todo = [k for j in pending for k in range(*shards[j])]
+    loader = torch.utils.data.DataLoader(
+        _DatasetImages(dataset, todo), batch_size=args.batch_size, num_workers=args.workers
+    )
+    precision = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    autocast = torch.autocast(device.type, dtype=precision, enabled=precision is not None)
+    storage = np.dtype(target_cache.DTYPES[args.dtype][1])
+    buffers, filled, broken, failures = {}, {}, set(), []
+    mine_items = sum(shards[j][1] - shards[j][0] for j in mine)
+    progress = tqdm(
+        total=mine_items, initial=mine_items - len(todo), desc="encode-targets", unit="img", disable=ranks.rank != 0
+    )
+    start_time = time.perf_counter()
+    for ks, images, errors in loader:
+        images = images.to(device)
+        with torch.inference_mode(), autocast:
+            # The mirrored view is images.flip(-1), the same uint8 tensor ImageLatentDataset(flip=True) serves.
+            tokens = {(e, f): encoders[e].encode(images.flip(-1) if f else images) for e, f in outputs}
+        what = f"{args.dest} items {ks.tolist()}"
+        stored = {key: target_cache.to_storage(t, args.dtype, what) for key, t in tokens.items()}
+        for i, k in enumerate(ks.tolist()):
+            j = k // args.shard_size
+            if errors[i]:
+                broken.add(j)
+                image = dataset.images.describe(str(dataset.image_names[k]))
+                failures.append({"index": k, "image": image, "reason": errors[i]})
+            if j not in buffers:
+                buffers[j] = {(e, f): np.empty(shard_shape(e, j), storage) for e, f in outputs}
+                filled[j] = 0
+            for key, array in stored.items():
+                buffers[j][key][k - shards[j][0]] = array[i]
+            filled[j] += 1
+            if filled[j] == shards[j][1] - shards[j][0]:  # complete: write it whole (a shard with a bad image: never)
+                for (e, f), array in buffers.pop(j).items():
+                    if j not in broken:
+                        target_cache.write_shard(target_cache.shard_path(args.dest, e, f, j), array)
+        progress.update(len(ks))
+    progress.close()
+    seconds = time.perf_counter() - start_time
+
+    everyone = ranks.gather({"failures": failures, "encoded": len(todo)})
+    failures = sorted((f for o in everyone for f in o["failures"]), key=lambda f: f["index"])
+    encoded = sum(o["encoded"] for o in everyone)
+    if ranks.rank == 0:
+        report = {"items": items, "encoded_now": encoded, "failed": failures}
+        layout.atomic_write(os.path.join(args.dest, "report.json"), json.dumps(report, indent=1).encode())
+        if not failures:  # the manifest last: a cache without one is unfinished and train.py refuses it
+            layout.atomic_write(os.path.join(args.dest, target_cache.MANIFEST), json.dumps(manifest, indent=1).encode())
+        rate = f" ({len(todo) / seconds:.1f} img/s on rank 0)" if todo else ""
+        names = ",".join(enc.spec.name for enc in encoders)
+        print(
+            f"encode-targets: {items} items{' + flips' if args.flip else ''} -> {args.dest}: {names} tokens in "
+            f"{args.dtype}, {encoded} encoded now{rate}, {items - encoded} already done, {len(failures)} failed"
+        )
+    ranks.barrier()
+    if failures:
+        listed = "; ".join(f"item {f['index']}: {f['reason']}" for f in failures[:3])
+        raise ValueError(
+            f"{len(failures)} image(s) could not be read, so their shards were not written (all in "
+            f"{os.path.join(args.dest, 'report.json')}): {listed}. Replace them and rerun the same command; "
+            "finished shards are kept"
+        )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
 # coco: MS-COCO 2014 -> the MS-COCO feature layout of text-to-image training (preprocessing/layout.py)
 # ---------------------------------------------------------------------------------------------------
 
@@ -799,6 +944,35 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=int, default=4, help="DataLoader worker processes decoding PNGs per rank")
     e.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     e.set_defaults(run=encode)
+
+    t = commands.add_parser(
+        "encode-targets", help="converted images -> frozen-encoder tokens for train.py --target-cache"
+    )
+    t.add_argument("--source", required=True, help="converted images (DIR/images or .zip), as train.py --data-dir DIR reads them")  # fmt: skip
+    t.add_argument("--dest", required=True, help="output folder, e.g. DIR/targets-dinov2-vit-b")
+    t.add_argument("--enc-type", default="dinov2-vit-b", help="as train.py: one name, or several separated by commas")
+    t.add_argument("--enc-ckpt", default="", help="as train.py: local encoder weights (comma-separated per encoder)")
+    t.add_argument("--enc-weights", choices=("pretrained", "random"), default="pretrained", help="as train.py")
+    t.add_argument(
+        "--enc-resolution",
+        type=int,
+        default=None,
+        help="the encoder setting train.py derives, 16 x the SiT token grid (input side / patch); default: the "
+        "image side, right for SiT-*/2 on SD-VAE latents (256 px -> 256, 16x16 tokens)",
+    )
+    t.add_argument("--flip", action="store_true", help="also store the mirrored images' tokens (train.py --hflip)")
+    t.add_argument(
+        "--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="stored dtype (fp32: exact, 2x disk)"
+    )
+    t.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast of the encoder forward")  # fmt: skip
+    t.add_argument("--shard-size", type=int, default=1000, help="items per shard file")
+    t.add_argument(
+        "--seed", type=int, default=0, help="train.py's --seed: it sets random weights (--enc-weights random)"
+    )
+    t.add_argument("--batch-size", type=int, default=64, help="images per encoder forward pass")
+    t.add_argument("--workers", type=int, default=4, help="DataLoader worker processes decoding PNGs per rank")
+    t.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    t.set_defaults(run=encode_targets)
 
     m = commands.add_parser("coco", help="MS-COCO 2014 -> images, SD-VAE moments and CLIP caption tokens per split")
     m.add_argument("--source", required=True, help="COCO root holding train2014/, val2014/ and annotations/")

@@ -119,7 +119,8 @@ def render(label: int, resolution: int, rng: np.random.Generator, colours=None) 
 
 
 def make_demo_data(out: str, *, per_class: int = 400, num_classes: int = 10, resolution: int = 32, seed: int = 0):
-    """Write out/images/ (PNGs + dataset.json); returns the number of images."""
+    """Write out/images/ (PNGs + dataset.json); returns the number of images. A set made with the same
+    settings is kept as it is (the set is a pure function of them), one with other settings replaced."""
     if not 1 <= num_classes <= len(CLASS_NAMES):
         raise ValueError(f"num_classes must be in [1, {len(CLASS_NAMES)}], got {num_classes}")
     images_dir = os.path.join(out, "images")
@@ -128,7 +129,9 @@ def make_demo_data(out: str, *, per_class: int = 400, num_classes: int = 10, res
         meta = layout.read_dataset_json(layout.FileStore(images_dir))
         if meta is None or "demo" not in meta:
             raise FileExistsError(f"{images_dir} exists and is not a demo set; refusing to overwrite it")
-        shutil.rmtree(images_dir)  # a previous demo set, maybe with other options: start clean
+        if meta["demo"] == settings and len(meta.get("labels") or []) == per_class * num_classes:
+            return len(meta["labels"])  # the same set (a pure function of the settings): keep it
+        shutil.rmtree(images_dir)  # a previous demo set with other options: start clean
 
     rng = np.random.default_rng(seed)
     # Classes interleaved in a seeded order, so any prefix (--max-items) holds every class.
@@ -228,7 +231,8 @@ def main(argv=None):
     )
     seconds = time.perf_counter() - start
     print(
-        f"wrote {count} images ({args.num_classes} classes, {args.resolution} px) to {args.out}/images in {seconds:.1f} s"
+        f"demo set: {count} images ({args.num_classes} classes, {args.resolution} px, seed {args.seed}) in "
+        f"{args.out}/images ({seconds:.1f} s; kept as is when it already had these settings)"
     )
     if args.vae is not None:
         from preprocessing import dataset_tools

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -372,6 +373,128 @@ def test_two_processes_write_the_same_files(encoded, converted, tiny_vae, tmp_pa
     assert folder_bytes(tmp_path / "images") == folder_bytes(root / "data" / "images")
     for folder in ("vae-sd", "vae-sd-flip"):
         assert_same_latents(tmp_path / folder, encoded / folder)
+
+
+# --- encode-targets -------------------------------------------------------------------------------
+# The demo set (24 images, 32 px) and a random DINOv2-S at encoder resolution 64 (4x4 tokens): the setting
+# tests/test_train.py's tiny runs use (SiT-S/8 on 32 px pixels). Shards of 10 items: 10, 10 and 4.
+
+TARGET_ARGS = ["--enc-type=dinov2-vit-s", "--enc-weights=random", "--enc-resolution=64", "--workers=0"]
+
+
+def run_encode_targets(source, dest, *extra):
+    args = [f"--source={source}", f"--dest={dest}", *TARGET_ARGS, "--shard-size=10", "--batch-size=10"]
+    return dataset_tools.main(["encode-targets", *args, *extra])
+
+
+def random_dinov2_s():
+    """The encoder train.py and encode-targets build with --seed 0 and --enc-weights random."""
+    from models.encoders import load_encoders
+
+    torch.manual_seed(0)
+    (encoder,) = load_encoders("dinov2-vit-s", "cpu", 64, enc_weights="random")
+    return encoder
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_encode_targets_round_trips_bit_exact_with_flips(demo_data, tmp_path, dtype):
+    from preprocessing.target_cache import DiskTargetCache, weights_sha256
+
+    dest = tmp_path / "targets"
+    # One batch of all 24 items: the reference below then runs the encoder on the very same batches.
+    run_encode_targets(demo_data / "images", dest, "--flip", f"--dtype={dtype}", "--batch-size=24")
+    cache = DiskTargetCache(dest)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    encoder = random_dinov2_s()
+    assert manifest["encoders"][0]["weights_sha256"] == weights_sha256(encoder.model)
+    assert (manifest["items"], manifest["flip"], manifest["dtype"]) == (24, True, dtype)
+    assert manifest["encoders"][0] | {"weights_sha256": None} == dict(
+        name="dinov2-vit-s", timm_arch="vit_small_patch14_dinov2", resolution=64, grid=4, tokens=16, embed_dim=384,
+        weights_source="RANDOM", weights_sha256=None,
+    )  # fmt: skip
+    assert [np.load(p, mmap_mode="r").shape[0] for p in sorted((dest / "enc0" / "plain").iterdir())] == [10, 10, 4]
+
+    # The items train.py would draw: index 24 + k is item k's image reversed along W (ImageLatentDataset flip).
+    flipping = ImageLatentDataset(demo_data, latents=False, flip=True)
+    images = torch.stack([flipping[k][0] for k in range(48)])
+    assert torch.equal(images[24:], images[:24].flip(-1))
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    with torch.no_grad():
+        expected = torch.cat([encoder.encode(images[:24]), encoder.encode(images[24:])]).to(torch_dtype)
+    read = torch.stack([cache[index][0] for index in range(48)])
+    assert read.dtype == torch_dtype and read.shape == (48, 16, 384)
+    assert torch.equal(read, expected)
+    # The test can tell: plain and mirrored tokens differ, and the stored dtype rounds (not fp32 in disguise).
+    assert not torch.equal(read[:24], read[24:])
+    with torch.no_grad():
+        assert not torch.equal(encoder.encode(images[:24]), expected[:24].float())
+
+
+def test_encode_targets_resumes_after_kill_with_identical_files(demo_data, tmp_path, monkeypatch):
+    from preprocessing import target_cache
+
+    fresh = tmp_path / "fresh"
+    run_encode_targets(demo_data / "images", fresh, "--flip")
+    write_shard, calls = target_cache.write_shard, []
+
+    def killed_at_third_file(path, array):
+        calls.append(path)
+        if len(calls) == 3:  # shard 0 plain and flipped are done; shard 1 plain was being written
+            raise KeyboardInterrupt("simulated kill")
+        return write_shard(path, array)
+
+    monkeypatch.setattr(target_cache, "write_shard", killed_at_third_file)
+    dest = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        run_encode_targets(demo_data / "images", dest, "--flip")
+    monkeypatch.setattr(target_cache, "write_shard", write_shard)
+    assert not (dest / "manifest.json").exists()  # written last: an unfinished cache is visibly unfinished
+    with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
+        target_cache.DiskTargetCache(dest)
+    (dest / "enc0" / "plain" / ".00001.npy.tmp-999").write_bytes(b"partial")
+    done = {p: p.stat().st_mtime_ns for p in dest.rglob("0000*.npy")}
+    assert len(done) == 2
+
+    run_encode_targets(demo_data / "images", dest, "--flip")
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in done.items())  # finished shards were kept
+    assert json.loads((dest / "report.json").read_text())["encoded_now"] == 14
+    # Batches of 10 = shards of 10: the resumed shards see the same batches, so every byte is the same.
+    resumed, expected = folder_bytes(dest), folder_bytes(fresh)
+    assert resumed.pop("report.json") != expected.pop("report.json") and resumed == expected
+    with pytest.raises(ValueError, match="other settings.*'dtype': \\('fp16', 'bf16'\\)"):
+        run_encode_targets(demo_data / "images", dest, "--flip", "--dtype=bf16")
+
+
+def test_encode_targets_reports_unreadable_images_and_finishes_on_rerun(demo_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(demo_data / "images", data / "images")
+    broken = data / "images" / layout.image_name(13)  # shard 1; not one of the items the dataset probes at start
+    good = broken.read_bytes()
+    broken.write_bytes(good[:100])
+    dest = tmp_path / "targets"
+    with pytest.raises(ValueError, match=r"1 image\(s\) could not be read.*item 13: .*img00000013.png"):
+        run_encode_targets(data / "images", dest)
+    report = json.loads((dest / "report.json").read_text())
+    assert [f["index"] for f in report["failed"]] == [13] and "img00000013.png" in report["failed"][0]["image"]
+    assert sorted(p.name for p in (dest / "enc0" / "plain").glob("*.npy")) == ["00000.npy", "00002.npy"]
+    assert not (dest / "manifest.json").exists()
+    broken.write_bytes(good)
+    run_encode_targets(data / "images", dest)
+    assert json.loads((dest / "report.json").read_text()) == {"items": 24, "encoded_now": 10, "failed": []}
+    assert (dest / "manifest.json").exists()
+
+
+def test_encode_targets_two_processes_write_the_same_files(demo_data, tmp_path):
+    run_encode_targets(demo_data / "images", tmp_path / "one", "--flip")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    script = str(ROOT / "preprocessing" / "dataset_tools.py")
+    args = [f"--source={demo_data / 'images'}", f"--dest={tmp_path / 'two'}", *TARGET_ARGS, "--flip"]
+    args += ["--shard-size=10", "--batch-size=10"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*launch, script, "encode-targets", *args], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "24 encoded now" in done.stdout, done.stdout  # the ranks' shards were disjoint and complete
+    assert folder_bytes(tmp_path / "one") == folder_bytes(tmp_path / "two")  # shards, manifest, report
 
 
 # --- Demo data ------------------------------------------------------------------------------------

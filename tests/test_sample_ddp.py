@@ -2,6 +2,7 @@
 functions called directly, the paper's protocol, determinism across processes, resume and stale folders."""
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -376,3 +377,22 @@ def test_fused_attn_false_samples_with_explicit_attention(tmp_path, monkeypatch)
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_sdpa)
     explicit, _ = run_sample_ddp(tmp_path, ckpt, "explicit", "--mode", "ode", "--fused-attn", "false")
     assert np.abs(fused.astype(int) - explicit).max() <= 1  # the same attention up to float rounding
+
+
+def test_compile_samples_like_eager_and_is_part_of_the_manifest(tmp_path):
+    from train import compile_available
+
+    if not compile_available(torch.device("cpu"))[0]:
+        pytest.skip("torch.compile needs a C++ compiler on the CPU")
+    ckpt = tmp_path / "ckpt.pt"
+    tiny_pixel_checkpoint(ckpt)
+    eager, labels = run_sample_ddp(tmp_path, ckpt, "eager", "--cfg-scale", "3", "--guidance-high", "0.7")
+    compiled, compiled_labels = run_sample_ddp(
+        tmp_path, ckpt, "compiled", "--cfg-scale", "3", "--guidance-high", "0.7", "--compile", "true"
+    )
+    assert np.array_equal(labels, compiled_labels)
+    assert np.abs(compiled.astype(int) - eager).max() <= 1  # float rounding of other kernels, at most one level
+    manifest = json.loads((tmp_path / "compiled" / "manifest.json").read_text())
+    assert manifest["compile"] is True and "compile" not in json.loads(
+        (tmp_path / "eager" / "manifest.json").read_text()
+    )

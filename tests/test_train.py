@@ -20,7 +20,7 @@ def tiny_argv(data_dir, out_dir, **overrides):
         model="SiT-S/8", depth=3, hidden_size=64, num_heads=2, num_classes=4, encoder_depth=2, projector_dim=64, data_dir=data_dir,
         resolution=32, pixel_space=True, enc_type="dinov2-vit-s", enc_weights="random", batch_size=4,
         max_train_steps=6, checkpointing_steps=3, sampling_steps=0, log_every=1, num_workers=0,
-        mixed_precision="no", output_dir=out_dir, exp_name="run", learning_rate=1e-3, keep_last=0,
+        mixed_precision="no", output_dir=out_dir, exp_name="run", learning_rate=1e-3, keep_last=0, compile=False,
     )  # fmt: skip
     options.update(overrides)
     argv = []

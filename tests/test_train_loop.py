@@ -157,9 +157,9 @@ class Recorder:
         return RecordingLoss
 
     def _wrap_update_ema(rec, real):
-        def update_ema(ema, model, decay):
+        def update_ema(ema, model, decay, apply=None):
             rec.ema, rec.ema_updates = ema, rec.ema_updates + 1
-            return real(ema, model, decay)
+            return real(ema, model, decay, apply)
 
         return update_ema
 
@@ -428,16 +428,20 @@ def test_ema_is_the_exponential_average_of_the_weight_trajectory(demo_data, tmp_
 
 
 def test_a_nonfinite_step_leaves_model_ema_and_optimizer_unchanged(demo_data, tmp_path, recorder):
+    # A skipped step is decided on the device (no sync): it counts as a step (its batch is consumed, the step
+    # counter advances) but changes nothing: weights, AdamW moments and step count, EMA.
     rec = recorder(poison={2})  # the third micro-step's loss is NaN
-    run(tiny_argv(demo_data, tmp_path, ema_decay=0.8, max_train_steps=3, checkpointing_steps=3))
-    assert len(rec.calls) == 4 and len(rec.weights) == 3 and rec.ema_updates == 3
+    run(tiny_argv(demo_data, tmp_path, ema_decay=0.8, max_train_steps=4, checkpointing_steps=4))
+    assert len(rec.calls) == 4 and len(rec.weights) == 4 and rec.ema_updates == 4
     before, after = rec.calls[2], rec.calls[3]
     for key in ("params", "ema", "opt"):
         assert_same_state(after[key], before[key], f"{key} after the non-finite step")
     assert not torch.equal(rec.calls[1]["ema"]["final_layer.linear.weight"], before["ema"]["final_layer.linear.weight"])
-    ckpt = checkpoint(tmp_path, 3)
+    ckpt = checkpoint(tmp_path, 4)
     assert ckpt["nonfinite_steps"] == 1 and ckpt["data_position"] == 16  # the skipped batch is consumed
-    assert ckpt["opt"]["state"][0]["step"] == 3
+    assert ckpt["opt"]["state"][0]["step"] == 3  # AdamW's own count (bias correction) skips it too
+    stats = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    assert [s["nonfinite_steps"] for s in stats] == [0, 0, 1, 1] and stats[2]["grad_norm"] == 0
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 4.0])
@@ -629,3 +633,121 @@ def test_qk_norm_adds_trained_norms(demo_data, tmp_path, recorder):
             assert name in keys and torch.equal(rec.calls[0]["params"][name], torch.ones(32))
     # adaLN-Zero gates are zero at first, so the norms get gradients from the second step on.
     assert not torch.equal(model.get_parameter("blocks.0.attn.q_norm.weight"), torch.ones(32))
+
+
+#################################################################################
+#               --target-cache: encoder tokens from dataset_tools.py            #
+#################################################################################
+
+
+@pytest.fixture(scope="module")
+def target_caches(demo_data, tmp_path_factory):
+    """encode-targets on the demo set for tiny_argv's encoder (random DINOv2-S, --seed 0, SiT-S/8 at 32 px ->
+    4x4 tokens = encoder resolution 64): fp32 with flips (exact targets), and fp16 without."""
+    from preprocessing import dataset_tools
+
+    root = tmp_path_factory.mktemp("targets")
+    common = [f"--source={demo_data / 'images'}", "--enc-type=dinov2-vit-s", "--enc-weights=random"]
+    common += ["--enc-resolution=64", "--workers=0", "--batch-size=10"]
+    dataset_tools.main(["encode-targets", *common, f"--dest={root / 'fp32-flip'}", "--dtype=fp32", "--flip"])
+    dataset_tools.main(["encode-targets", *common, f"--dest={root / 'fp16'}", "--dtype=fp16"])
+    return {"fp32-flip": root / "fp32-flip", "fp16": root / "fp16"}
+
+
+def test_target_cache_feeds_the_stored_tokens_and_trains_like_the_encoder(demo_data, tmp_path, recorder, target_caches):
+    from preprocessing.target_cache import DiskTargetCache
+
+    cache = DiskTargetCache(target_caches["fp32-flip"])
+    common = dict(hflip=True, batch_size=8, max_train_steps=3, checkpointing_steps=3, proj_coeff=0.7)
+    runs = {}
+    for name, extra in (("encoder", {}), ("cache", dict(target_cache=target_caches["fp32-flip"]))):
+        rec = recorder()
+        run(tiny_argv(demo_data, tmp_path / name, **common, **extra))
+        runs[name] = rec, checkpoint(tmp_path / name, 3)
+    (encoder,) = runs["encoder"][0].encoders
+    cached, uncached = runs["cache"][0], runs["encoder"][0]
+    assert cached.encoded == 0 and uncached.encoded == 24  # with the cache, the encoder never runs
+    mirrored = 0
+    for k, (call, batch) in enumerate(zip(cached.calls, cached.batches)):
+        indices, images = batch[0], batch[1]
+        assert len(batch) == 5 and indices.tolist() == data_order(2 * NUM_ITEMS, 0, range(8 * k, 8 * k + 8))
+        # Exactly the stored rows (index 24 + i: the flipped image's tokens), as fp32 ...
+        assert torch.equal(call["zs"][0], torch.stack([cache[i][0] for i in indices.tolist()]))
+        # ... which are the encoder's tokens of the images the loop drew, mirrored ones included.
+        torch.testing.assert_close(call["zs"][0], encoder.encode(images), rtol=1e-5, atol=1e-5)
+        mirrored += int((indices >= NUM_ITEMS).sum())
+        # The same draws and the same losses as the run that runs the encoder.
+        other = uncached.calls[k]
+        assert torch.equal(call["x_t"], other["x_t"]) and torch.equal(call["t"], other["t"])
+        assert call["total"] == pytest.approx(other["total"], rel=1e-5, abs=1e-6)
+        assert call["proj"] == pytest.approx(other["proj"], rel=1e-5, abs=1e-6) and call["proj"] != 0
+    assert mirrored >= 4
+    for name, value in runs["encoder"][1]["model"].items():
+        torch.testing.assert_close(runs["cache"][1]["model"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_resume_is_bit_exact_with_the_target_cache(demo_data, tmp_path, recorder, target_caches):
+    argv = tiny_argv(demo_data, tmp_path, max_train_steps=4, checkpointing_steps=2, target_cache=target_caches["fp16"])
+    straight = recorder()
+    run(argv)
+    final = checkpoint(tmp_path, 4)
+    assert straight.encoded == 0 and all(z.dtype == torch.float32 for c in straight.calls for z in c["zs"])
+    resumed = recorder()
+    run(tiny_argv(demo_data, tmp_path, max_train_steps=4, checkpointing_steps=2, target_cache=target_caches["fp16"], exp_name="other", resume=tmp_path / "run" / "checkpoints" / "0000002.pt"))  # fmt: skip
+    for a, b in zip(resumed.calls, straight.calls[2:]):
+        assert all(torch.equal(u, v) for u, v in zip(a["zs"], b["zs"]))
+    other = checkpoint(tmp_path, 4, "other")
+    for key in ("model", "ema", "opt"):
+        assert_same_state(other[key], final[key], key)
+
+
+@pytest.fixture(scope="module")
+def smaller_demo(tmp_path_factory):
+    """The demo set with 5 instead of 6 images per class: 20 items."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("smaller") / "demo"
+    cmd = [sys.executable, "-m", "preprocessing.make_demo_data", "--out", str(out), "--per-class", "5"]
+    subprocess.run(
+        [*cmd, "--num-classes", "4", "--resolution", "32"], cwd=train.Path(train.__file__).parent, check=True
+    )
+    return out
+
+
+# Each refusal names the manifest (the file) and the key that differs, except the two config conflicts.
+@pytest.mark.parametrize(
+    "overrides, error",
+    [
+        (dict(enc_type="mocov3-vit-s"), r"manifest.json: encoders \['dinov2-vit-s'\] but this run uses --enc-type mocov3-vit-s"),
+        (dict(model="SiT-S/4"), r"manifest.json: encoders\[0\] \(dinov2-vit-s\) key 'resolution' is 64, this run needs 128"),
+        (dict(hflip=True), r"manifest.json: key 'flip' is false, but this run flips \(--hflip\)"),
+        (dict(seed=1), r"manifest.json: .* key 'weights_sha256' is '[0-9a-f]+', this run needs '[0-9a-f]+': other weights"),
+        ("smaller data", r"manifest.json: dataset key 'items' is 24, but --data-dir .* has 20"),
+        ("no manifest", r"manifest.json is missing: .* is not a finished target cache"),
+        (dict(proj_coeff=0), r"--target-cache .* given, but this run has no encoder"),
+        (dict(cache_targets=True), r"'target_cache' .* and 'cache_targets': choose one"),
+    ],
+)  # fmt: skip
+def test_a_mismatched_target_cache_is_refused(demo_data, smaller_demo, tmp_path, target_caches, overrides, error):
+    data, path = demo_data, target_caches["fp16"]
+    if overrides == "smaller data":
+        data = smaller_demo
+    elif overrides == "no manifest":
+        path = tmp_path / "unfinished"
+        shutil.copytree(target_caches["fp16"], path)
+        (path / "manifest.json").unlink()
+    overrides = overrides if isinstance(overrides, dict) else {}
+    with pytest.raises((ValueError, FileNotFoundError), match=error):
+        run(tiny_argv(data, tmp_path, target_cache=path, **overrides))
+
+
+def test_a_cache_with_flips_serves_a_run_without(demo_data, tmp_path, recorder, target_caches):
+    from preprocessing.target_cache import DiskTargetCache
+
+    cache = DiskTargetCache(target_caches["fp32-flip"])
+    rec = recorder()
+    run(tiny_argv(demo_data, tmp_path, target_cache=cache.root, max_train_steps=2, checkpointing_steps=2))
+    for call, (indices, *_) in zip(rec.calls, rec.batches):
+        assert (indices < NUM_ITEMS).all()
+        assert torch.equal(call["zs"][0], torch.stack([cache[i][0] for i in indices.tolist()]))
