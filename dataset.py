@@ -8,9 +8,12 @@ preprocessing load here and ours load there. An item is a tuple
                                       by 0.18215 in the training step), or in pixel space (latents=False)
                                       the image as (3, H, W) float32 in [-1, 1]
     label  () int64
+Text-to-image data (the MS-COCO feature layout, preprocessing/layout.py) loads as CaptionedDataset, whose
+items are (image, x, context): the caption tokens (L, D) float32 take the label's place.
 """
 
 import io
+import json
 import os
 import warnings
 
@@ -295,6 +298,126 @@ class ImageLatentDataset(Dataset):
 CustomDataset = ImageLatentDataset
 
 
+def caption_choice(seed: int, position: int, num_captions: int) -> int:
+    """Which caption of its item the draw at stream `position` uses: uniform over the item's captions, as the
+    official MSCOCOFeatureDataset draws it, but a function of (seed, position) only, so resumed and
+    re-sharded runs draw the same captions."""
+    return int(np.random.default_rng([seed, position, 0xCA7]).integers(num_captions))
+
+
+class CaptionedDataset(Dataset):
+    """Text-to-image data of one split of the MS-COCO feature layout (U-ViT's, read by the official REPA).
+
+    Items are (image (3, H, W) uint8, x, context (L, D) float32). x is as in ImageLatentDataset: the VAE
+    posterior mean stacked on its *std* (the stored log-variance is clamped to [-30, 20] as the official
+    loader does and converted), or in pixel space the image in [-1, 1]. Indexing with (index, position), as
+    ResumableSampler(with_position=True) yields, picks the caption by caption_choice(seed, position);
+    a plain index takes caption 0. Items whose image failed preprocessing are gaps in the numbering: the
+    dataset holds the indices present (self.indices), in order.
+    """
+
+    def __init__(self, data_dir: str, split: str = "train", latents: bool = True, seed: int = 0, max_items=None):
+        self.data_dir, self.folder = os.fspath(data_dir), os.path.join(os.fspath(data_dir), split)
+        if not os.path.isdir(self.folder):
+            raise FileNotFoundError(f"{self.folder}: no such split folder (expected DATA/{split}/ of the COCO layout)")
+        empty_path = os.path.join(self.data_dir, layout.EMPTY_CONTEXT)
+        if not os.path.isfile(empty_path):
+            raise FileNotFoundError(f"{empty_path} is missing: the empty caption's tokens (the null condition)")
+        with open(empty_path, "rb") as f:
+            self.empty_context = load_npy(f.read()).astype(np.float32)
+        if self.empty_context.ndim != 2:
+            raise ValueError(f"{empty_path} is {self.empty_context.shape}, expected (tokens, width)")
+        self.latents, self.seed = latents, seed
+        images, moments, counts = layout.scan_coco_split(self.folder)
+        indices = sorted(images)
+        if not indices:
+            raise ValueError(f"{self.folder} holds no images ({{i}}.png)")
+        without_caption = [i for i in indices if i not in counts]
+        without_moments = [i for i in indices if i not in moments] if latents else []
+        if without_caption or without_moments:
+            raise ValueError(
+                f"{self.folder}: items without caption tokens {without_caption[:5]}, without VAE moments "
+                f"{without_moments[:5]} (an interrupted preprocessing run? rerun the same `dataset_tools.py coco` "
+                "command; pixel-space training (--pixel-space) needs no moments)"
+            )
+        if max_items is not None:
+            indices = indices[:max_items]
+        self.indices = np.array(indices, dtype=np.int64)
+        self.num_captions = np.array([counts[i] for i in indices], dtype=np.int64)
+        self.image_shape = self.x_shape = None
+        image, x, context = self._load(0, 0)
+        self.image_shape, self.x_shape = image.shape, x.shape
+        if context.shape != self.empty_context.shape:
+            raise ValueError(
+                f"{self._path(self.indices[0], 0)} is {context.shape} but {empty_path} is {self.empty_context.shape}: "
+                "caption tokens and the empty caption must come from the same text encoder"
+            )
+        if image.shape[0] != 3 or (
+            latents and x.shape[1:] != (image.shape[1] // VAE_FACTOR, image.shape[2] // VAE_FACTOR)
+        ):
+            raise ValueError(f"{self.folder}: item {self.indices[0]} has image {image.shape} and moments {x.shape}")
+        meta_path = os.path.join(self.data_dir, layout.TEXT_ENCODER_JSON)
+        self.text_encoder = None
+        if os.path.isfile(meta_path):
+            with open(meta_path) as f:
+                self.text_encoder = json.load(f)
+
+    def _path(self, index: int, caption: int | None = None) -> str:
+        name = layout.coco_image_name(index) if caption is None else layout.coco_context_name(index, caption)
+        return os.path.join(self.folder, name)
+
+    def _read(self, path: str, kind: str):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            if kind == "png":
+                with PIL.Image.open(io.BytesIO(data)) as pil_image:
+                    array = np.asarray(pil_image.convert("RGB"))
+                return array.transpose(2, 0, 1)
+            return load_npy(data)
+        except Exception as err:  # every reason a file cannot be read names it
+            raise ValueError(
+                f"cannot read {path}: {type(err).__name__}: {err}; delete it and rerun the same "
+                "`dataset_tools.py coco` command"
+            ) from err
+
+    def _load(self, k: int, caption: int):
+        index = int(self.indices[k])
+        image = self._read(self._path(index), "png")
+        if self.latents:
+            mean, logvar = np.split(self._read(os.path.join(self.folder, layout.coco_moments_name(index)), "npy"), 2)
+            x = np.concatenate([mean, np.exp(0.5 * np.clip(logvar, -30.0, 20.0))]).astype(np.float32)
+        else:
+            x = image.astype(np.float32) / 127.5 - 1  # [0, 255] -> [-1, 1]
+        context = self._read(self._path(index, caption), "npy").astype(np.float32, copy=False)
+        for name, array, shape in (("image", image, self.image_shape), ("moments", x, self.x_shape)):
+            if shape is not None and array.shape != shape:
+                raise ValueError(f"{self.folder}: item {index}'s {name} is {array.shape}, expected {shape}")
+        if context.shape != self.empty_context.shape:
+            raise ValueError(f"{self._path(index, caption)} is {context.shape}, expected {self.empty_context.shape}")
+        return image, x, context
+
+    def caption_tokens(self, k: int, caption: int) -> np.ndarray:
+        """(L, D) float32 tokens of caption `caption` of item k (no image read: for sampling from captions)."""
+        path = self._path(int(self.indices[k]), caption)
+        context = self._read(path, "npy").astype(np.float32, copy=False)
+        if context.shape != self.empty_context.shape:
+            raise ValueError(f"{path} is {context.shape}, expected {self.empty_context.shape}")
+        return context
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item):
+        k, position = item if isinstance(item, tuple) else (item, None)
+        if not 0 <= k < len(self):
+            raise IndexError(f"item {k} out of range for {len(self)} items")
+        n = int(self.num_captions[k])
+        caption = 0 if position is None else caption_choice(self.seed, position, n)
+        image, x, context = self._load(k, caption)
+        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(x), torch.from_numpy(context)
+
+
 class ResumableSampler(Sampler[int]):
     """Infinite, deterministic stream of dataset indices, split across ranks.
 
@@ -304,10 +427,19 @@ class ResumableSampler(Sampler[int]):
     batch_size // world_size. The stream thus depends only on (seed, position): restart a run that has
     taken `steps` optimizer steps with start_index = steps * batch_size and it continues exactly where it
     stopped, even on a different number of ranks. Use DataLoader(batch_size=sampler.local_batch_size).
+    with_position=True yields (index, position) pairs instead, for datasets whose draw depends on the
+    position too (CaptionedDataset: which caption).
     """
 
     def __init__(
-        self, dataset_len: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, start_index: int = 0
+        self,
+        dataset_len: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        start_index: int = 0,
+        with_position: bool = False,
     ):
         if dataset_len <= 0:
             raise ValueError(f"dataset_len must be positive, got {dataset_len}")
@@ -320,6 +452,7 @@ class ResumableSampler(Sampler[int]):
         self.dataset_len, self.batch_size, self.seed = dataset_len, batch_size, seed
         self.rank, self.world_size, self.start_index = rank, world_size, start_index
         self.local_batch_size = batch_size // world_size
+        self.with_position = with_position
         self._epoch, self._order = None, None
 
     def permutation(self, epoch: int) -> np.ndarray:
@@ -335,5 +468,6 @@ class ResumableSampler(Sampler[int]):
             first = self.start_index + batch * self.batch_size + self.rank * self.local_batch_size
             for position in range(first, first + self.local_batch_size):
                 epoch, offset = divmod(position, self.dataset_len)
-                yield int(self.permutation(epoch)[offset])
+                index = int(self.permutation(epoch)[offset])
+                yield (index, position) if self.with_position else index
             batch += 1

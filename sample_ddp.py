@@ -21,6 +21,16 @@ batches whose PNGs are missing. The sample folder's manifest.json records what m
 digest, sampler settings, labels, N, VAE, precision, quantisation); a rerun resumes only when all of it
 matches, and otherwise stops and names what differs (--overwrite starts afresh). The .npz (arr_0: uint8
 N x H x W x 3, arr_1: the labels the images were generated with) is written at the end from the PNGs.
+
+Text-to-image (MMDiT checkpoints) samples from captions instead of labels:
+    torchrun --nproc_per_node=8 sample_ddp.py --ckpt exps/mmdit/checkpoints/0150000.pt \
+        --coco-dir data/coco256_features --mode ode --num-steps 50 --cfg-scale 2.0 [--ref-batch coco_val256.npz]
+    python sample_ddp.py --ckpt ... --prompts prompts.txt         # one prompt per line, sample i: prompt i % P
+`--coco-dir` is the official protocol of generate_t2i.py: 40,192 samples, sample i from val image i with one of
+its captions drawn uniformly (here from (seed, i), so any number of processes draws the same), guidance
+against the empty caption's tokens (recorded in the checkpoint, else DATA/empty_context.npy). Prompts are
+encoded by the text encoder the training data was made with (recorded in the checkpoint; --text-encoder
+overrides). arr_1 holds (image index, caption k) pairs, or prompt indices; the captions go to SAMPLES.captions.txt.
 """
 
 import argparse
@@ -43,13 +53,17 @@ from tqdm import tqdm
 
 from checkpoints import load_checkpoint, model_state_dict
 from config import parse_bool
+from dataset import CaptionedDataset, caption_choice, load_npy
 from diffusion import ddim_sampler, ddpm_sampler
 from evaluations.evaluate import describe_protocol
 from evaluations.evaluate import main as evaluate_main
-from models import MODELS
+from models import MODELS, T2I_MODELS
 from models.dit import DiT, DiT_models
+from models.mmdit import MMDiT
 from models.sit import SiT, projector_kwargs_from_state_dict
+from models.text_encoder import load_text_encoder
 from models.vae import latent_decoder, load_vae, resolve_vae_name
+from preprocessing import layout
 from samplers import euler_maruyama_sampler, euler_sampler
 
 # Sampling modes: flow-matching SiTs integrate the ODE or SDE; DDPM-trained DiTs run ancestral DDPM or DDIM.
@@ -95,6 +109,25 @@ def sit_kwargs_from_state_dict(state_dict: dict) -> dict:
     )
 
 
+def mmdit_kwargs_from_state_dict(state_dict: dict, settings: dict) -> dict:
+    """MMDiT constructor keywords read off official T2I weights (they record no `model_kwargs`)."""
+    depth = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"joint_blocks\.(\d+)\.", k)))
+    _hidden, channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
+    kwargs = dict(
+        input_size=int(settings.get("resolution", 256)) // 8,
+        patch_size=patch,
+        in_channels=channels,
+        depth=depth,
+        context_dim=state_dict["context_embedder.weight"].shape[1],
+        encoder_depth=settings.get("encoder_depth", 8),
+    )
+    projectors = projector_kwargs_from_state_dict(state_dict)
+    kwargs["z_dims"] = projectors["z_dims"]
+    if "projector_dim" in projectors:
+        kwargs["projector_dim"] = projectors["projector_dim"]
+    return kwargs
+
+
 def checkpoint_settings(ckpt) -> dict:
     """The run's settings: this project's `config`, else the official `args` Namespace, else nothing."""
     if isinstance(ckpt, dict) and "config" in ckpt:
@@ -118,12 +151,14 @@ def load_model(ckpt_path, model_name=None, use_ema=True, encoder_depth=None):
     """(model in eval mode, the run's settings plus `model` and `weights_sha256`)."""
     ckpt = load_checkpoint(ckpt_path)
     settings = checkpoint_settings(ckpt)
+    state_dict = model_state_dict(ckpt, use_ema=use_ema, path=ckpt_path)
+    if "joint_blocks.0.x_block.attn.qkv.weight" in state_dict:
+        return load_mmdit(ckpt, ckpt_path, state_dict, settings, model_name, encoder_depth)
     name = model_name or settings.get("model")
     if model_name and settings.get("model") not in (None, model_name):
         warnings.warn(f"--model {model_name} overrides the checkpoint's model {settings['model']!r}", stacklevel=2)
     if name not in MODELS:
         raise ValueError(f"{ckpt_path}: model {name!r} unknown or not recorded; pass --model (one of {list(MODELS)})")
-    state_dict = model_state_dict(ckpt, use_ema=use_ema, path=ckpt_path)
     if isinstance(ckpt, dict) and "model_kwargs" in ckpt:
         kwargs = dict(ckpt["model_kwargs"])  # the constructor keywords train.py used: nothing to infer
         if encoder_depth is not None and encoder_depth != kwargs.get("encoder_depth"):
@@ -151,6 +186,36 @@ def load_model(ckpt_path, model_name=None, use_ema=True, encoder_depth=None):
         **settings, "model": name, "steps": steps, "weights_sha256": weights_digest(state_dict),
         "cls_token_dim": getattr(model, "cls_token_dim", None),  # REG models: the class token's width
     }  # fmt: skip
+
+
+def load_mmdit(ckpt, ckpt_path, state_dict, settings, model_name=None, encoder_depth=None):
+    """load_model for text-to-image weights: ours (model_kwargs, empty_context, text_encoder recorded) or the
+    official train_t2i.py's (read off the weights; its args record no model name)."""
+    kwargs = dict(ckpt["model_kwargs"]) if isinstance(ckpt, dict) and "model_kwargs" in ckpt else None
+    if kwargs is None:
+        kwargs = mmdit_kwargs_from_state_dict(state_dict, settings)
+        if encoder_depth is not None:
+            kwargs["encoder_depth"] = encoder_depth
+    name = model_name or settings.get("model")
+    if name is None:  # official weights: the depth is the size (any depth, as officially), named like ours
+        name = f"MMDiT-d{kwargs['depth']}/{kwargs['patch_size']}"
+        model = MMDiT(**kwargs)
+    elif name not in T2I_MODELS:
+        raise ValueError(f"{ckpt_path} holds MMDiT weights but --model {name} is not one of {list(T2I_MODELS)}")
+    else:
+        model = T2I_MODELS[name](**kwargs)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"{ckpt_path}: the weights do not fit {name} built from the checkpoint: {e}") from e
+    extras = {}
+    if isinstance(ckpt, dict):
+        if ckpt.get("empty_context") is not None:
+            extras["empty_context"] = torch.as_tensor(ckpt["empty_context"]).float()
+        extras["text_encoder"] = ckpt.get("text_encoder")
+    steps = ckpt.get("steps") if isinstance(ckpt, dict) else None
+    digest = weights_digest(state_dict)
+    return model.eval(), {**settings, **extras, "model": name, "steps": steps, "weights_sha256": digest}
 
 
 def resolve_training_settings(args, settings: dict) -> dict:
@@ -262,6 +327,91 @@ def load_decoder(training, device):
     return latent_decoder(load_vae(training["vae"], device), training["latent_scale"], training["latent_bias"])
 
 
+class CaptionConditions:
+    """The text condition of every sample of a text-to-image model, a function of (seed, index) only.
+
+    --coco-dir: sample i takes val item i (the first N of the split, in order) with caption
+    caption_choice(seed, i, its number of captions): one caption per image, drawn uniformly as the official
+    generate_t2i.py draws it. --prompts: sample i takes prompt i % P, encoded by the training data's encoder.
+    """
+
+    OFFICIAL_NUM_SAMPLES = 40_192  # generate_t2i.py: 314 batches of 128 of COCO val2014's 40,504 images
+
+    def __init__(self, args, settings: dict, context_dim: int, device):
+        if bool(args.coco_dir) == bool(args.prompts):
+            raise ValueError(
+                "a text-to-image checkpoint samples from captions: pass --coco-dir DATA (COCO val captions, the "
+                "official protocol) or --prompts FILE (one prompt per line), not both"
+            )
+        self.device, self.seed, self.encoder, self.val, self.prompts, self.captions = (
+            device,
+            args.global_seed,
+            None,
+            None,
+            None,
+            None,
+        )
+        if args.coco_dir:
+            self.val = CaptionedDataset(args.coco_dir, "val", latents=False, seed=args.global_seed)
+            self.default_num_samples = self.OFFICIAL_NUM_SAMPLES
+            self.source = {"source": "coco-val", "data": str(Path(args.coco_dir).resolve()), "items": len(self.val)}
+            captions_path = Path(args.coco_dir) / "val" / layout.CAPTIONS_JSON
+            if captions_path.is_file():
+                self.captions = json.loads(captions_path.read_text())["captions"]
+            null_path = Path(args.coco_dir) / layout.EMPTY_CONTEXT
+        else:
+            text = Path(args.prompts).read_text()
+            self.prompts = [line.strip() for line in text.splitlines() if line.strip()]
+            if not self.prompts:
+                raise ValueError(f"--prompts {args.prompts}: no prompts (one per line)")
+            self.default_num_samples = len(self.prompts)
+            digest = hashlib.sha256(text.encode()).hexdigest()
+            self.source = {"source": "prompts", "file": str(Path(args.prompts).resolve()), "sha256": digest}
+            recorded = settings.get("text_encoder") or {}
+            name = args.text_encoder or recorded.get("name") or "openai/clip-vit-large-patch14"
+            weights = args.text_encoder_weights or recorded.get("weights", "pretrained")
+            self.encoder = load_text_encoder(name, device, weights, recorded.get("width", context_dim))
+            self.source["text_encoder"] = self.encoder.describe()
+            null_path = None
+        # The null condition: what training used (recorded in the checkpoint), else the data's, else encoded.
+        if settings.get("empty_context") is not None:
+            null = settings["empty_context"]
+        elif null_path is not None:
+            null = torch.from_numpy(load_npy(null_path.read_bytes()))
+        else:
+            null = self.encoder.encode([""])[0]
+        self.null = null.float().to(device)
+        if self.null.shape[-1] != context_dim:
+            raise ValueError(
+                f"the text tokens are {self.null.shape[-1]} wide but the model takes {context_dim}: the captions were "
+                "encoded with another text encoder than the one the model was trained with"
+            )
+
+    def ids(self, n: int) -> np.ndarray:
+        """arr_1: (N, 2) [val image index, caption k] for COCO, (N,) prompt indices for prompts."""
+        if self.val is None:
+            return np.arange(n, dtype=np.int64) % len(self.prompts)
+        if n > len(self.val):
+            raise ValueError(f"--num-fid-samples {n}: the val split has only {len(self.val)} images (one caption each)")
+        ks = [caption_choice(self.seed, i, int(self.val.num_captions[i])) for i in range(n)]
+        return np.stack([self.val.indices[:n], np.array(ks, dtype=np.int64)], axis=1)
+
+    def tokens(self, ids: np.ndarray) -> torch.Tensor:
+        """(B, L, D) tokens of the samples whose arr_1 rows are `ids`."""
+        if self.val is None:
+            return self.encoder.encode([self.prompts[int(i)] for i in ids]).to(self.device)
+        position = {int(index): k for k, index in enumerate(self.val.indices)}
+        rows = [self.val.caption_tokens(position[int(index)], int(k)) for index, k in ids]
+        return torch.from_numpy(np.stack(rows)).to(self.device)
+
+    def texts(self, ids: np.ndarray) -> list[str] | None:
+        if self.val is None:
+            return [self.prompts[int(i)] for i in ids]
+        if self.captions is None:
+            return None
+        return [self.captions[int(index)][int(k)] for index, k in ids]
+
+
 #################################################################################
 #                     The sample folder and its manifest                        #
 #################################################################################
@@ -358,7 +508,7 @@ class _CallCounter(torch.nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        self.num_classes, self.out_channels, self.rows = model.num_classes, model.out_channels, 0
+        self.num_classes, self.out_channels, self.rows = getattr(model, "num_classes", 0), model.out_channels, 0
 
     def forward(self, x, t, y, cls_token=None):
         self.rows += x.shape[0]
@@ -366,13 +516,16 @@ class _CallCounter(torch.nn.Module):
         return (v, []) if cls_token is None else (v, [], torch.zeros_like(cls_token))
 
 
-def count_nfe(sampler, model, shape, kwargs, stochastic) -> int:
-    """Network evaluations per image (a guided step counts twice) of `sampler` with these settings."""
+def count_nfe(sampler, model, shape, kwargs, stochastic, condition=None) -> int:
+    """Network evaluations per image (a guided step counts twice) of `sampler` with these settings;
+    `condition` is one sample's condition (default: a label)."""
     counter = _CallCounter(model)
     extra = {"generator": torch.Generator().manual_seed(0)} if stochastic else {}
     if getattr(model, "cls_token_dim", None):  # REG: the class token rides along in the same calls
         extra["cls_latents"] = torch.zeros(1, model.cls_token_dim)
-    sampler(counter, torch.zeros(1, *shape), torch.zeros(1, dtype=torch.long), **kwargs, **extra)
+    y = torch.zeros(1, dtype=torch.long) if condition is None else condition[:1].cpu()
+    kwargs = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+    sampler(counter, torch.zeros(1, *shape), y, **kwargs, **extra)
     return counter.rows
 
 
@@ -396,11 +549,18 @@ def build_parser():
     p.add_argument("--encoder-depth", type=int, default=None, help="only to build the projectors of old files")
     p.add_argument("--sample-dir", default="samples")
     p.add_argument("--overwrite", action="store_true", help="delete samples made with other settings, start afresh")
-    p.add_argument("--num-fid-samples", type=positive_int, default=50_000)
+    p.add_argument("--num-fid-samples", type=positive_int, default=None, help="default: 50,000; COCO: 40,192")
     p.add_argument("--batch-size", "--per-proc-batch-size", type=positive_int, default=64, help="images per batch")
     p.add_argument("--global-seed", type=int, default=0)
-    p.add_argument("--mode", choices=SIT_MODES + DIT_MODES, default=None, help="default: sde (SiT), ddpm (DiT)")
-    p.add_argument("--num-steps", type=positive_int, default=250)
+    p.add_argument(
+        "--mode", choices=SIT_MODES + DIT_MODES, default=None, help="default: sde (SiT), ddpm (DiT), ode (MMDiT)"
+    )
+    # Text-to-image (MMDiT) checkpoints: where the captions come from.
+    p.add_argument("--coco-dir", default=None, help="COCO-layout data root: sample from its val captions (official)")
+    p.add_argument("--prompts", default=None, help="text file, one prompt per line: sample i uses prompt i % P")
+    p.add_argument("--text-encoder", default=None, help="--prompts: hub name or folder (default: the training data's)")
+    p.add_argument("--text-encoder-weights", choices=("pretrained", "random"), default=None)
+    p.add_argument("--num-steps", type=positive_int, default=None, help="default: 250; text-to-image: 50")
     p.add_argument("--heun", action="store_true", help="Heun's method for --mode ode")
     p.add_argument("--ddim-eta", type=float, default=0.0, help="--mode ddim: 0 deterministic, 1 DDPM-like")
     p.add_argument("--cfg-scale", type=float, default=1.0)
@@ -448,8 +608,19 @@ def main(argv=None):
 
     model, settings = load_model(args.ckpt, args.model, args.use_ema, args.encoder_depth)
     training = resolve_training_settings(args, settings)
-    check_official_flags(args, model, training["pixel_space"])
-    is_dit = isinstance(model, DiT)
+    is_dit, is_t2i = isinstance(model, DiT), isinstance(model, MMDiT)
+    if is_t2i:
+        conditions = CaptionConditions(args, settings, model.context_dim, device)
+        # generate_t2i.py's defaults: the ODE (Euler; --heun for Heun) with 50 steps; COCO: 40,192 samples.
+        args.mode, args.num_steps = args.mode or "ode", args.num_steps or 50
+        args.num_fid_samples = args.num_fid_samples or conditions.default_num_samples
+    else:
+        if args.coco_dir or args.prompts:
+            raise ValueError(
+                f"--coco-dir and --prompts apply to text-to-image (MMDiT) checkpoints, not {settings['model']}"
+            )
+        check_official_flags(args, model, training["pixel_space"])
+        args.num_steps, args.num_fid_samples = args.num_steps or 250, args.num_fid_samples or 50_000
     args.mode = args.mode or ("ddpm" if is_dit else "sde")
     if args.mode not in (DIT_MODES if is_dit else SIT_MODES):
         raise ValueError(
@@ -462,13 +633,19 @@ def main(argv=None):
     cls_token_dim = getattr(model, "cls_token_dim", None)  # REG: the class token is sampled with the image
     if args.cls_cfg_scale != 1.0 and not cls_token_dim:
         raise ValueError(f"--cls-cfg-scale {args.cls_cfg_scale} applies to REG models only; {args.ckpt} is not one")
-    for block in model.blocks:
+    for block in getattr(model, "blocks", []):  # the MMDiT always runs SDPA
         block.attn.fused_attn = args.fused_attn
     model = model.to(device)
     decode = load_decoder(training, device)
-    labels_all = sample_labels(args.num_fid_samples, model.num_classes, args.global_seed, args.labels == "balanced")
+    if is_t2i:  # arr_1: (val image, caption k) pairs or prompt indices, from (seed, index) only
+        labels_all, num_classes = conditions.ids(args.num_fid_samples), None
+    else:
+        labels_all, num_classes = None, model.num_classes
+        labels_all = sample_labels(args.num_fid_samples, num_classes, args.global_seed, args.labels == "balanced")
     sample_dir = Path(args.sample_dir)
-    manifest = sampling_manifest(args, training, settings, model.num_classes)
+    manifest = sampling_manifest(args, training, settings, num_classes)
+    if is_t2i:
+        manifest["labels"] = conditions.source
     prepare_sample_dir(sample_dir, manifest, args.overwrite, rank, distributed)
 
     sampler = SAMPLERS[args.mode]
@@ -478,6 +655,8 @@ def main(argv=None):
     )  # fmt: skip
     if not is_dit:
         kwargs["path_type"] = training["path_type"]
+    if is_t2i:
+        kwargs["null_condition"] = conditions.null  # guidance against the empty caption's tokens
     if args.mode == "ode":
         kwargs["heun"] = args.heun
     if cls_token_dim:
@@ -486,7 +665,7 @@ def main(argv=None):
         kwargs["eta"] = args.ddim_eta
     stochastic = args.mode in ("sde", "ddpm") or (args.mode == "ddim" and args.ddim_eta > 0)
     shape = (model.in_channels, model.input_size, model.input_size)
-    nfe = count_nfe(sampler, model, shape, kwargs, stochastic)
+    nfe = count_nfe(sampler, model, shape, kwargs, stochastic, conditions.null[None] if is_t2i else None)
     net = model
     if args.compile:
         from train import compile_available
@@ -514,7 +693,10 @@ def main(argv=None):
         extra = {"generator": gens} if stochastic else {}
         if cls_token_dim:  # REG: the class token's initial noise, drawn right after the image's
             extra["cls_latents"] = torch.stack([torch.randn(cls_token_dim, generator=g, device=device) for g in gens])
-        y = torch.from_numpy(labels_all[indices.start : indices.stop]).to(device)
+        if is_t2i:
+            y = conditions.tokens(labels_all[indices.start : indices.stop])  # (B, L, D)
+        else:
+            y = torch.from_numpy(labels_all[indices.start : indices.stop]).to(device)
         with torch.no_grad(), autocast:
             z = sampler(net, noise, y, **kwargs, **extra)
             images = quantize(decode(z.float()), args.quantization)
@@ -532,7 +714,8 @@ def main(argv=None):
             "sampler": args.mode + ("-heun" if args.heun else ""), "num_steps": args.num_steps, "nfe": nfe,
             "cfg_scale": args.cfg_scale, **({"cls_cfg_scale": args.cls_cfg_scale} if cls_token_dim else {}),
             "guidance_interval": [args.guidance_low, args.guidance_high],
-            "labels": args.labels, "quantization": args.quantization, "num_samples": n,
+            "labels": conditions.source["source"] + " captions" if is_t2i else args.labels,
+            "quantization": args.quantization, "num_samples": n,
             "weights": "ema" if args.use_ema else "raw", "vae": training["vae"], "precision": args.precision,
         }  # fmt: skip
         summary = {
@@ -542,6 +725,9 @@ def main(argv=None):
             "images_per_second_rank0": sum(len(r) for r in todo) / max(elapsed, 1e-9),
         }  # fmt: skip
         print(f"wrote {npz_path} {arrays.shape}; protocol: {describe_protocol(protocol)}")
+        texts = conditions.texts(labels_all) if is_t2i else None
+        if texts is not None:  # the caption of every sample, in order (e.g. for CLIP scores)
+            npz_path.with_suffix(".captions.txt").write_text("\n".join(t.replace("\n", " ") for t in texts) + "\n")
         npz_path.with_suffix(".json").write_text(json.dumps(summary, indent=2, default=str))
         if args.ref_batch:
             eval_argv = [args.ref_batch, str(npz_path), "--json", str(npz_path.with_suffix(".metrics.json"))]

@@ -1,5 +1,8 @@
 """Train a SiT with REPA: `accelerate launch train.py --config configs/sit-xl-2_dinov2-b.yaml [--flag value ...]`.
 
+Text-to-image: `--model MMDiT-d24/2` (configs/t2i/) trains the MMDiT on a folder in the MS-COCO feature layout
+(dataset.CaptionedDataset); captions are dropped to the empty caption's tokens at cfg_prob for guidance.
+
 Also runs under `torchrun --nproc_per_node N train.py ...` (the Accelerator picks the processes up) and as a
 plain `python train.py ...` on one device. Every option is a field of config.TrainConfig; the official
 REPA flags (--model, --enc-type, --proj-coeff, --encoder-depth, ...) keep their meaning.
@@ -33,14 +36,16 @@ from tqdm import tqdm
 
 from checkpoints import load_checkpoint, save_checkpoint
 from config import TrainConfig, parse_config
-from dataset import ImageLatentDataset, ResumableSampler
+from dataset import CaptionedDataset, ImageLatentDataset, ResumableSampler
 from diffusion import DiffusionLoss, ddim_sampler
 from loss import REPALoss
-from models import MODELS
+from models import MODELS, T2I_MODELS
 from models.dit import DiT_models
 from models.encoders import load_encoders
+from models.mmdit import mmdit_flops
 from models.sit import sit_flops
 from models.vae import VAENotFoundError, latent_decoder, load_vae
+from preprocessing.layout import CAPTIONS_JSON, is_coco_layout
 from preprocessing.target_cache import open_target_cache
 from samplers import euler_sampler
 
@@ -98,8 +103,10 @@ class IndexedDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index):
-        item = (index, *self.dataset[index])
-        return item if self.targets is None else (*item, *self.targets[index])
+        # A (index, position) pair (text-to-image: the position picks the caption) is keyed by its index.
+        key = index[0] if isinstance(index, tuple) else index
+        item = (key, *self.dataset[index])
+        return item if self.targets is None else (*item, *self.targets[key])
 
 
 def encode_targets(encoder, images, class_token=False):
@@ -295,9 +302,20 @@ class TrainStep:
     STATS = ("loss", "proj_loss", "cls_loss", "attn_loss", "micro_steps", "grad_norm", "updates")
 
     def __init__(
-        self, cfg: TrainConfig, accelerator, model, raw_model, ema, optimizer, loss_fn, targets=None, nonfinite_steps=0
+        self,
+        cfg: TrainConfig,
+        accelerator,
+        model,
+        raw_model,
+        ema,
+        optimizer,
+        loss_fn,
+        targets=None,
+        nonfinite_steps=0,
+        null_condition=None,  # text-to-image: the empty caption's tokens (L, D), which captions drop to
     ):
         self.cfg, self.accelerator, self.loss_fn, self.targets = cfg, accelerator, loss_fn, targets
+        self.null_condition = null_condition
         self.model, self.raw_model, self.ema, self.optimizer = model, raw_model, ema, optimizer
         self.device, self.rank = accelerator.device, accelerator.process_index
         self.inner_optimizer = getattr(optimizer, "optimizer", optimizer)  # below accelerate's wrapper
@@ -317,6 +335,11 @@ class TrainStep:
         for position, indices, images, x, labels, *cached in micro_batches:
             torch.manual_seed(step_seed(cfg.seed, self.rank, position))  # all randomness of this micro-step
             x = sample_latents(x, cfg)
+            if self.null_condition is not None and cfg.cfg_prob > 0:
+                # Caption dropout (the official CFGDataset's p_uncond): an item's tokens become the empty
+                # caption's with probability cfg_prob; drawn from this micro-step's seed, so resumes are exact.
+                drop = torch.rand(labels.shape[0], device=x.device) < cfg.cfg_prob
+                labels = torch.where(drop[:, None, None], self.null_condition.to(labels.dtype), labels)
             if cfg.legacy:
                 # Official --legacy: the loop drops labels with cfg_prob, then the model drops them again,
                 # so the effective rate is 1 - (1 - p)^2 (0.19 for p = 0.1). Only to reproduce early runs.
@@ -422,11 +445,27 @@ def train(cfg: TrainConfig):
     set_seed(cfg.seed)  # model init is identical on every rank (DDP also broadcasts it)
 
     # Data: images (for the encoders) with latent moments or pixels, and an exactly resumable order.
-    dataset = ImageLatentDataset(cfg.data_dir, latents=not cfg.pixel_space, flip=cfg.hflip)
+    is_t2i = cfg.model in T2I_MODELS
+    if is_t2i != is_coco_layout(cfg.data_dir):
+        raise ValueError(
+            f"--model {cfg.model} is a {'text-to-image' if is_t2i else 'class-conditional'} model but {cfg.data_dir} "
+            f"{'is not' if is_t2i else 'is'} in the MS-COCO feature layout (train/, empty_context.npy): "
+            + ("preprocess with `dataset_tools.py coco`" if is_t2i else f"use an MMDiT ({', '.join(T2I_MODELS)})")
+        )
+    if is_t2i:
+        if cfg.hflip or cfg.legacy:
+            raise ValueError("--hflip and --legacy do not apply to text-to-image training (captions say left/right)")
+        if cfg.target_cache:
+            raise ValueError("--target-cache is not implemented for text-to-image data yet; use --cache-targets")
+        # The caption of each draw comes from (seed, stream position): exact resume, any number of processes.
+        dataset = CaptionedDataset(cfg.data_dir, "train", latents=not cfg.pixel_space, seed=cfg.seed)
+        empty_context = torch.from_numpy(dataset.empty_context).to(device)  # (L, D): the null condition
+    else:
+        dataset = ImageLatentDataset(cfg.data_dir, latents=not cfg.pixel_space, flip=cfg.hflip)
     image_side = dataset.image_shape[-1]
     if image_side != cfg.resolution:
         raise ValueError(f"--resolution {cfg.resolution} but {cfg.data_dir} holds {image_side} px images")
-    if dataset.num_classes > cfg.num_classes or dataset.labels.max() >= cfg.num_classes:
+    if not is_t2i and (dataset.num_classes > cfg.num_classes or dataset.labels.max() >= cfg.num_classes):
         # Label num_classes is the null class of classifier-free guidance; a larger one has no embedding row.
         item = int(dataset.labels.argmax())
         raise ValueError(
@@ -436,20 +475,21 @@ def train(cfg: TrainConfig):
 
     # Frozen encoders give the alignment targets; none for a vanilla SiT (proj_coeff 0 or enc_type none).
     in_channels, input_side = dataset.x_shape[0] // (1 if cfg.pixel_space else 2), dataset.x_shape[-1]
-    if cfg.model not in MODELS:
-        raise ValueError(f"--model {cfg.model!r} is unknown; choose one of {', '.join(MODELS)}")
+    all_models = {**MODELS, **T2I_MODELS}
+    if cfg.model not in all_models:
+        raise ValueError(f"--model {cfg.model!r} is unknown; choose one of {', '.join(all_models)}")
     is_dit = cfg.model in DiT_models
     use_repa = cfg.proj_coeff > 0 and bool(cfg.encoder_names)
     use_reg = cfg.cls > 0  # REG: the first encoder's class token is denoised with the image (loss.py)
     use_attn = cfg.attn_coeff > 0  # HASTE: the first encoder's attention maps are targets of the SiT's
-    if (use_reg or use_attn) and is_dit:
+    if (use_reg or use_attn) and (is_dit or is_t2i):
         raise ValueError(f"--cls / --attn-coeff (REG, HASTE) are implemented for SiT models only, not {cfg.model}")
     encoders = []
     if use_repa or use_reg or use_attn:
         # The encoder's token grid must equal the SiT's: at 256 px, 32x32 latents / patch 2 = 16x16, which
         # the encoders give at their "256 px" setting (grid = resolution / 16). Deriving the encoder setting
         # from the SiT grid keeps that true for pixel-space runs too (the demo: 32 px / patch 4 -> 8x8).
-        patch = MODELS[cfg.model].keywords["patch_size"]
+        patch = all_models[cfg.model].keywords["patch_size"]
         if input_side % patch:
             raise ValueError(f"--model {cfg.model}: patch {patch} does not divide the {input_side}px input")
         enc_resolution = 16 * (input_side // patch)
@@ -476,7 +516,22 @@ def train(cfg: TrainConfig):
         proj_kwargs_kernel_size=cfg.proj_kwargs_kernel_size,
         **({"cls_token_dim": encoders[0].embed_dim} if use_reg else {}),  # REG: the class token's width
     )
-    model = MODELS[cfg.model](**model_kwargs).to(device)
+    if is_t2i:
+        # MMDiT: one number, depth, sets the size (hidden 32 x depth, depth heads); text tokens are its condition.
+        unsupported = [k for k in ("hidden_size", "num_heads") if k in size_overrides]
+        unsupported += ["qk_norm"] * cfg.qk_norm + ["projection_layer_type"] * (cfg.projection_layer_type != "mlp")
+        if unsupported or cfg.spnorm_method != "none":
+            raise ValueError(f"--model {cfg.model}: {unsupported or ['spnorm_method']} apply to SiT models only")
+        model_kwargs = dict(
+            **size_overrides,
+            input_size=input_side,
+            in_channels=in_channels,
+            z_dims=[enc.embed_dim for enc in encoders],
+            encoder_depth=cfg.encoder_depth,
+            projector_dim=cfg.projector_dim,
+            context_dim=dataset.empty_context.shape[-1],
+        )
+    model = all_models[cfg.model](**model_kwargs).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     attn_pairs = cfg.attention_layer_pairs if use_attn else []  # HASTE: (SiT block, encoder block), 1-based
     if use_attn:
@@ -488,7 +543,8 @@ def train(cfg: TrainConfig):
             f"{2 * enc.gmacs_per_image():.2f} GFLOPs per image, {enc.grid}x{enc.grid} tokens of {enc.embed_dim}"
         )
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"{cfg.model}: {n_params / 1e6:.2f}M parameters, {sit_flops(model) / 1e9:.2f} GFLOPs per image forward")
+    flops = mmdit_flops(model, dataset.empty_context.shape[0]) if is_t2i else sit_flops(model)
+    log(f"{cfg.model}: {n_params / 1e6:.2f}M parameters, {flops / 1e9:.2f} GFLOPs per image forward")
     # The official loop runs `epochs` passes over the data (drop_last) unless max_train_steps comes first.
     steps_per_epoch = len(dataset) // micro_global // cfg.gradient_accumulation_steps
     total_steps = min(cfg.max_train_steps, cfg.epochs * steps_per_epoch)
@@ -527,7 +583,9 @@ def train(cfg: TrainConfig):
     raw_model = accelerator.unwrap_model(model)  # before compiling: checkpoint keys stay the official ones
     model, encode, use_compile, compile_note = compile_step(model, encoders, cfg.compile, device)
 
-    sampler = ResumableSampler(len(dataset), micro_global, cfg.seed, rank, world, start_index=position)
+    sampler = ResumableSampler(
+        len(dataset), micro_global, cfg.seed, rank, world, start_index=position, with_position=is_t2i
+    )
     loader = DataLoader(
         IndexedDataset(dataset, disk_targets),
         batch_size=sampler.local_batch_size,
@@ -568,7 +626,10 @@ def train(cfg: TrainConfig):
         targets = lambda indices, images: [fn(images, **token_kwargs) for fn in encode]  # noqa: E731
     else:
         targets = None
-    train_step = TrainStep(cfg, accelerator, model, raw_model, ema, optimizer, loss_fn, targets, nonfinite_steps)
+    train_step = TrainStep(
+        cfg, accelerator, model, raw_model, ema, optimizer, loss_fn, targets, nonfinite_steps,
+        null_condition=empty_context if is_t2i else None,
+    )  # fmt: skip
 
     # Previews: the same noise and labels every time, sampled from the EMA weights.
     decode = load_preview_decoder(cfg, device, log) if is_main and cfg.sampling_steps > 0 else None
@@ -576,11 +637,20 @@ def train(cfg: TrainConfig):
     n_preview = 16
     preview_noise = torch.randn((n_preview, in_channels, input_side, input_side), generator=preview_gen).to(device)
     preview_labels = (torch.arange(n_preview) % cfg.num_classes).to(device)
-    preview_extra = {}  # REG: the class token's initial noise, fixed like the image's
-    if use_reg:
-        preview_extra["cls_latents"] = torch.randn(
+    preview_kwargs = {}
+    if use_reg:  # REG: the class token's initial noise, fixed like the image's
+        preview_kwargs["cls_latents"] = torch.randn(
             (n_preview, model_kwargs["cls_token_dim"]), generator=preview_gen
         ).to(device)
+    if is_t2i:  # a fixed set of captions: caption 0 of the first 16 training items, listed in samples/captions.txt
+        preview_items = [k % len(dataset) for k in range(n_preview)]
+        preview_labels = torch.stack([dataset[k][2] for k in preview_items]).to(device)  # (16, L, D)
+        preview_kwargs["null_condition"] = empty_context
+        captions_path = Path(cfg.data_dir) / "train" / CAPTIONS_JSON
+        if is_main and captions_path.is_file():
+            captions = json.loads(captions_path.read_text())["captions"]
+            listing = [captions[int(dataset.indices[k])][0] for k in preview_items]
+            (run_dir / "samples" / "captions.txt").write_text("\n".join(listing) + "\n")
 
     if accelerator.trackers:
         accelerator.init_trackers(cfg.exp_name, config=cfg.to_dict())
@@ -664,7 +734,7 @@ def train(cfg: TrainConfig):
                     if is_dit:
                         z = ddim_sampler(ema, preview_noise, preview_labels, **common)
                     else:
-                        z = euler_sampler(ema, preview_noise, preview_labels, heun=True, path_type=cfg.path_type, **common, **preview_extra)  # fmt: skip
+                        z = euler_sampler(ema, preview_noise, preview_labels, heun=True, path_type=cfg.path_type, **common, **preview_kwargs)  # fmt: skip
                     images_out = decode(z.float()).clamp(0, 1)
                 save_image(images_out.float(), run_dir / "samples" / f"{step:07d}.png", nrow=int(math.sqrt(n_preview)))
             accelerator.wait_for_everyone()
@@ -683,6 +753,9 @@ def train(cfg: TrainConfig):
                     "nonfinite_steps": int(train_step.nonfinite_steps),
                     "data_position": position,
                 }
+                if is_t2i:  # sampling needs the null condition and the text encoder the tokens came from
+                    state["empty_context"] = empty_context.cpu()
+                    state["text_encoder"] = dataset.text_encoder
                 if accelerator.scaler is not None:
                     state["scaler"] = accelerator.scaler.state_dict()
                 save_checkpoint(state, ckpt_dir / f"{step:07d}.pt")

@@ -178,11 +178,13 @@ def _statistics(path: Path, summary: dict[str, np.ndarray] | None) -> tuple[dict
     # ADM's rule: statistics stored in the file win over those of its images (`summary`, None if none).
     stats = precomputed_statistics(path)
     sources = {"fid": "file" if "mu" in stats else "images", "sfid": "file" if "mu_s" in stats else "images"}
-    if summary is None and not ("mu" in stats and "mu_s" in stats):
-        raise ValueError(f"{path}: needs 'arr_0' images or precomputed 'mu', 'sigma', 'mu_s', 'sigma_s'")
+    if summary is None and "mu" not in stats:
+        raise ValueError(f"{path}: needs 'arr_0' images or precomputed 'mu', 'sigma' (and 'mu_s', 'sigma_s')")
     for mean, cov in (("mu", "sigma"), ("mu_s", "sigma_s")):
         if mean not in stats:
-            stats[mean], stats[cov] = summary[mean], summary[cov]
+            # FID-only statistics files (U-ViT's fid_stats_mscoco256_val.npz: mu, sigma) leave sFID unknown.
+            stats[mean], stats[cov] = (summary[mean], summary[cov]) if summary is not None else (None, None)
+            sources["sfid" if mean == "mu_s" else "fid"] = "images" if summary is not None else "none"
     return stats, f"FID stats from {sources['fid']}, sFID stats from {sources['sfid']}"
 
 
@@ -303,9 +305,9 @@ def evaluate(
     return {
         "inception_score": inception_score(sample_acts["logits"]),
         "fid": frechet_distance(sample_stats["mu"], sample_stats["sigma"], ref_stats["mu"], ref_stats["sigma"]),
-        "sfid": frechet_distance(
-            sample_stats["mu_s"], sample_stats["sigma_s"], ref_stats["mu_s"], ref_stats["sigma_s"]
-        ),
+        "sfid": None
+        if ref_stats["mu_s"] is None
+        else frechet_distance(sample_stats["mu_s"], sample_stats["sigma_s"], ref_stats["mu_s"], ref_stats["sigma_s"]),
         "precision": precision,
         "recall": recall,
         "num_samples": len(sample_acts["pool"]),
@@ -326,9 +328,10 @@ def describe_protocol(protocol: dict) -> str:
     """One line naming how a sample batch was made (sample_ddp.py's `protocol`), for tables of FIDs."""
     low, high = protocol["guidance_interval"]
     cfg = f"CFG {protocol['cfg_scale']} in [{low}, {high}]" if protocol["cfg_scale"] > 1 else "no CFG"
+    labels = protocol["labels"] if "captions" in protocol["labels"] else f"{protocol['labels']} labels"  # T2I: captions
     return (
         f"{protocol['sampler']} {protocol['num_steps']} steps (NFE {protocol['nfe']}), {cfg}, "
-        f"{protocol['labels']} labels, {protocol['quantization']} quantization, N={protocol['num_samples']}, "
+        f"{labels}, {protocol['quantization']} quantization, N={protocol['num_samples']}, "
         f"{protocol['weights']} weights, {protocol['precision']}"
     )
 
@@ -352,7 +355,7 @@ def format_metrics(results: dict) -> str:
     """ADM's printed lines, so that scripts parsing its output read ours unchanged."""
     lines = []
     for label, key in (("Inception Score", "inception_score"), ("FID", "fid"), ("sFID", "sfid")):
-        lines.append(f"{label}: {results[key]}")
+        lines.append(f"{label}: {results[key] if results[key] is not None else 'n/a (no statistics in the reference)'}")
     for label, key in (("Precision", "precision"), ("Recall", "recall")):
         value = results[key]
         lines.append(f"{label}: {value if value is not None else 'n/a (reference batch has no arr_0 images)'}")

@@ -63,6 +63,14 @@ def encode_moments(vae, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([posterior.mean, posterior.std], dim=1).float()
 
 
+@torch.no_grad()
+def encode_mean_logvar(vae, images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) uint8 -> (N, 2C, H/8, W/8) float32: posterior mean then *log-variance*, the encoder's raw
+    moments, unclamped: what U-ViT's MS-COCO features store (`{i}.npy`; readers clamp to [-30, 20])."""
+    x = images.to(torch.float32) / 127.5 - 1
+    return vae.encode(x).latent_dist.parameters.float()
+
+
 def latent_decoder(vae, latent_scale: float, latent_bias: float):
     """Model latents -> images in [-1, 1] (float32), undoing the training-time scale and bias."""
 

@@ -1,11 +1,13 @@
 """ImageNet -> the official REPA layout: `convert` crops images to PNG, `encode` stores SD-VAE moments,
-`encode-targets` stores the frozen encoders' tokens for train.py --target-cache (format: target_cache.py).
+`encode-targets` stores the frozen encoders' tokens for train.py --target-cache (format: target_cache.py);
+MS-COCO -> the text-to-image layout: `coco` stores crops, SD-VAE moments and CLIP caption tokens.
 
 The official command lines work unchanged (new flags are optional):
     python preprocessing/dataset_tools.py convert --source=ILSVRC/Data/CLS-LOC/train \
         --dest=DIR/images --resolution=256x256 --transform=center-crop-dhariwal
     python preprocessing/dataset_tools.py encode --source=DIR/images --dest=DIR/vae-sd
     python preprocessing/dataset_tools.py encode-targets --source=DIR/images --dest=DIR/targets --flip
+    python preprocessing/dataset_tools.py coco --source=COCO --dest=DIR/coco256_features   # text-to-image
 Multi-process: launch the same command with `torchrun --nproc_per_node=N` or `accelerate launch`; each
 rank takes the disjoint shard items[rank::world_size] (encode-targets: the shard files rank, rank +
 world_size, ...) and rank 0 writes dataset.json (manifest.json) at the end. The
@@ -42,7 +44,7 @@ if __package__ in (None, ""):
 
 from dataset import ImageLatentDataset  # noqa: E402
 from models.encoders import load_encoders  # noqa: E402
-from models.vae import VAE_NAMES, encode_moments, load_vae  # noqa: E402
+from models.vae import VAE_NAMES, encode_mean_logvar, encode_moments, load_vae  # noqa: E402
 from preprocessing import layout, target_cache  # noqa: E402
 
 # We check sizes ourselves (--max-pixels) so that huge images are reported, not raised from PIL.
@@ -678,6 +680,206 @@ def encode_targets(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
+# coco: MS-COCO 2014 -> the MS-COCO feature layout of text-to-image training (preprocessing/layout.py)
+# ---------------------------------------------------------------------------------------------------
+
+COCO_SPLITS = {"train": ("train2014", "captions_train2014.json"), "val": ("val2014", "captions_val2014.json")}
+
+
+def read_coco_captions(annotations: str) -> tuple[list[int], list[str], list[list[str]]]:
+    """(image ids sorted, their file names, their captions in annotation order) of a COCO captions file.
+
+    Item i of the layout is the i-th image in order of COCO image id, and caption k its k-th annotation in
+    the file's order: what U-ViT's MSCOCODatabase (pycocotools' imgToAnns) yields, so indices agree with it.
+    """
+    if not os.path.isfile(annotations):
+        raise FileNotFoundError(f"{annotations}: no such file (COCO's annotations/captions_*2014.json)")
+    with open(annotations) as f:
+        meta = json.load(f)
+    if not isinstance(meta, dict) or "images" not in meta or "annotations" not in meta:
+        raise ValueError(f"{annotations} is not a COCO captions file (needs 'images' and 'annotations')")
+    files = {image["id"]: image["file_name"] for image in meta["images"]}
+    captions = {image_id: [] for image_id in files}
+    for ann in meta["annotations"]:
+        if ann["image_id"] not in captions:
+            raise ValueError(f"{annotations}: annotation {ann.get('id')} names image {ann['image_id']}, not listed")
+        captions[ann["image_id"]].append(ann["caption"])
+    ids = sorted(files)
+    return ids, [files[i] for i in ids], [captions[i] for i in ids]
+
+
+@dataclass
+class _CocoReader(torch.utils.data.Dataset):
+    """Decodes and crops source images in DataLoader workers: item k -> (index, (3, S, S) uint8 or None, note)."""
+
+    folder: str
+    file_names: list
+    indices: list
+    size: int
+    transform: str
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        index = self.indices[k]
+        try:
+            image = open_image(os.path.join(self.folder, self.file_names[index]))
+            image = to_rgb(image)
+        except BadImage as e:
+            return index, torch.zeros(0, dtype=torch.uint8), str(e)
+        except FileNotFoundError:
+            return index, torch.zeros(0, dtype=torch.uint8), "missing file"
+        crop = TRANSFORMS[self.transform](image, self.size)
+        return index, torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1))), ""
+
+
+def _as_list(batch):
+    """DataLoader collate that keeps the items as they are (crops may fail: no stacking in workers)."""
+    return batch
+
+
+def _coco_outputs_valid(split_dir: str, index: int, n_captions: int, size: int, moments_shape, context_shape):
+    """Every file of item `index` exists and has the right header (resume skips such items)."""
+    if not _png_is_valid(os.path.join(split_dir, layout.coco_image_name(index)), size):
+        return False
+    if moments_shape is not None and not _npy_is_valid(
+        os.path.join(split_dir, layout.coco_moments_name(index)), moments_shape
+    ):
+        return False
+    return all(
+        _npy_is_valid(os.path.join(split_dir, layout.coco_context_name(index, k)), context_shape)
+        for k in range(n_captions)
+    )
+
+
+def coco(args) -> int:
+    """MS-COCO 2014 -> DEST/{split}/{i}.png, {i}.npy, {i}_{k}.npy and DEST/empty_context.npy."""
+    from models.text_encoder import MAX_LENGTH, load_text_encoder
+
+    ranks = Ranks.from_env()
+    splits = [s.strip() for s in args.split.split(",") if s.strip()]
+    unknown = [s for s in splits if s not in COCO_SPLITS]
+    if unknown or not splits:
+        raise ValueError(f"--split {args.split}: choose from {', '.join(COCO_SPLITS)} (comma-separated)")
+    size = args.resolution
+    if size % layout.VAE_FACTOR:
+        raise ValueError(f"--resolution={size} is not a multiple of {layout.VAE_FACTOR} (the SD-VAE's factor)")
+    device = torch.device(args.device or (f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu"))
+    vae = None if args.vae == "none" else load_vae(args.vae, device)
+    encoder = load_text_encoder(args.text_encoder, device, args.text_encoder_weights, args.text_width)
+    moments_shape = None
+    if vae is not None:
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        moments_shape = (2 * vae.config.latent_channels, size // factor, size // factor)
+    context_shape = (MAX_LENGTH, encoder.width)
+
+    # The null condition, shared by the splits, written once by rank 0 (also on a rerun: it is cheap).
+    _claim_dest(args.dest, {"command": "coco", "text_encoder": encoder.describe()}, ranks)
+    if ranks.rank == 0:
+        layout.atomic_write(os.path.join(args.dest, layout.EMPTY_CONTEXT), _npy_bytes(encoder.encode([""])[0].numpy()))
+        meta = {**encoder.describe(), "vae": args.vae, "resolution": size, "transform": args.transform}
+        layout.atomic_write(os.path.join(args.dest, layout.TEXT_ENCODER_JSON), json.dumps(meta, indent=1).encode())
+
+    for split in splits:
+        image_folder, annotation_file = COCO_SPLITS[split]
+        ids, file_names, captions = read_coco_captions(os.path.join(args.source, "annotations", annotation_file))
+        count = len(ids) if args.max_images is None else min(args.max_images, len(ids))
+        split_dir = os.path.join(args.dest, split)
+        settings = {
+            "command": "coco", "source": os.path.abspath(args.source), "split": split, "resolution": size,
+            "transform": args.transform, "vae": args.vae, "text_encoder": encoder.describe(),
+            "max_images": args.max_images,
+        }  # fmt: skip
+        _claim_dest(split_dir, settings, ranks)
+        shard = range(ranks.rank, count, ranks.world_size)
+        pending = [
+            i for i in shard
+            if not _coco_outputs_valid(split_dir, i, len(captions[i]), size, moments_shape, context_shape)
+        ]  # fmt: skip
+        reader = _CocoReader(os.path.join(args.source, image_folder), file_names, pending, size, args.transform)
+        loader = torch.utils.data.DataLoader(
+            reader, batch_size=args.batch_size, num_workers=args.workers, collate_fn=_as_list
+        )
+        failed = []
+        progress = tqdm(total=len(shard), initial=len(shard) - len(pending), desc=f"coco {split}", unit="img",
+                        disable=ranks.rank != 0)  # fmt: skip
+        for batch in loader:
+            good = [(index, image) for index, image, note in batch if not note]
+            failed += [
+                {"index": index, "source": file_names[index], "reason": note} for index, _, note in batch if note
+            ]
+            if good:
+                indices = [index for index, _ in good]
+                images = torch.stack([image for _, image in good])
+                moments = encode_mean_logvar(vae, images.to(device)).cpu().numpy() if vae is not None else None
+                texts = [c for index in indices for c in captions[index]]
+                tokens = encoder.encode(texts).numpy()  # (sum of captions, 77, D)
+                row = 0
+                for j, index in enumerate(indices):
+                    for k in range(len(captions[index])):
+                        name = layout.coco_context_name(index, k)
+                        layout.atomic_write(os.path.join(split_dir, name), _npy_bytes(tokens[row]))
+                        row += 1
+                    if moments is not None:
+                        name = layout.coco_moments_name(index)
+                        layout.atomic_write(os.path.join(split_dir, name), _npy_bytes(moments[j]))
+                    # The PNG last: a valid PNG means the item was begun; validity is checked file by file.
+                    png = layout.png_bytes(images[j].permute(1, 2, 0).numpy())
+                    layout.atomic_write(os.path.join(split_dir, layout.coco_image_name(index)), png)
+            progress.update(len(batch))
+        progress.close()
+
+        everyone = ranks.gather({"failed": failed, "written": len(pending)})
+        if ranks.rank == 0:
+            failed = sorted((f for o in everyone for f in o["failed"]), key=lambda f: f["index"])
+            report = {
+                "source": os.path.abspath(args.source), "split": split, "images": count,
+                "kept": count - len(failed), "written": sum(o["written"] for o in everyone) - len(failed),
+                "failed": failed,
+            }  # fmt: skip
+            layout.atomic_write(os.path.join(split_dir, "report.json"), json.dumps(report, indent=1).encode())
+            listing = {"image_ids": ids[:count], "file_names": file_names[:count], "captions": captions[:count]}
+            layout.atomic_write(os.path.join(split_dir, layout.CAPTIONS_JSON), json.dumps(listing).encode())
+            print(
+                f"coco {split}: {count} images -> {split_dir}: {count - len(failed)} kept, {len(failed)} failed "
+                f"(gaps in the numbering; details in report.json), {sum(len(c) for c in captions[:count])} captions"
+            )
+            for f in failed[:10]:
+                print(f"  failed #{f['index']} {f['source']}: {f['reason']}")
+        ranks.barrier()
+    return 0
+
+
+def coco_reference(args) -> int:
+    """A split's {i}.png images -> an ADM-style reference batch (.npz, arr_0 uint8 N x H x W x 3) for FID.
+
+    Written as a stream (40,504 val images at 256 px are 8 GB), in item order, so the evaluator reads it
+    like VIRTUAL_imagenet256_labeled.npz. U-ViT/REPA's own FID statistics cover the whole val split."""
+    images, _moments, _counts = layout.scan_coco_split(args.source)
+    indices = sorted(images)[: args.max_images]
+    if not indices:
+        raise FileNotFoundError(f"{args.source}: no {{i}}.png images (a split folder of the COCO layout)")
+    with PIL.Image.open(os.path.join(args.source, layout.coco_image_name(indices[0]))) as first:
+        width, height = first.size
+    header = {"descr": "|u1", "fortran_order": False, "shape": (len(indices), height, width, 3)}
+    temp = f"{args.dest}.tmp-{os.getpid()}"
+    with zipfile.ZipFile(temp, "w", compression=zipfile.ZIP_STORED) as archive:
+        info = zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0))
+        with archive.open(info, "w", force_zip64=True) as stream:
+            np.lib.format.write_array_header_2_0(stream, header)
+            for index in tqdm(indices, desc="reference batch", unit="img"):
+                with PIL.Image.open(os.path.join(args.source, layout.coco_image_name(index))) as image:
+                    array = np.asarray(image.convert("RGB"))
+                if array.shape != (height, width, 3):
+                    raise ValueError(f"{args.source}/{index}.png is {array.shape}, the first is {(height, width, 3)}")
+                stream.write(array.tobytes())
+    os.replace(temp, args.dest)
+    print(f"coco-reference: {len(indices)} images of {args.source} -> {args.dest} (arr_0 {header['shape']})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------
 
@@ -771,6 +973,34 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int, default=4, help="DataLoader worker processes decoding PNGs per rank")
     t.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     t.set_defaults(run=encode_targets)
+
+    m = commands.add_parser("coco", help="MS-COCO 2014 -> images, SD-VAE moments and CLIP caption tokens per split")
+    m.add_argument("--source", required=True, help="COCO root holding train2014/, val2014/ and annotations/")
+    m.add_argument("--dest", required=True, help="output root (DEST/train, DEST/val, DEST/empty_context.npy)")
+    m.add_argument("--split", default="train,val", help="train, val or both (comma-separated)")
+    m.add_argument("--resolution", type=int, default=256)
+    m.add_argument(
+        "--transform",
+        choices=sorted(TRANSFORMS),
+        default="center-crop",
+        help="center-crop: U-ViT's (largest centred square, one LANCZOS resize), which the official features "
+        "were made with; center-crop-dhariwal: the ADM crop of the ImageNet data",
+    )
+    m.add_argument("--vae", default=VAE_NAMES["mse"], help="ema | mse | hub name | folder | none (no moments)")
+    m.add_argument("--text-encoder", default="openai/clip-vit-large-patch14", help="hub name or local folder")
+    m.add_argument("--text-encoder-weights", choices=("pretrained", "random"), default="pretrained")
+    m.add_argument("--text-width", type=int, default=768, help="token width of a random text encoder")
+    m.add_argument("--max-images", type=int, default=None, help="only the first N images of each split")
+    m.add_argument("--batch-size", type=int, default=32, help="images per VAE forward pass")
+    m.add_argument("--workers", type=int, default=4, help="DataLoader worker processes decoding images per rank")
+    m.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    m.set_defaults(run=coco)
+
+    r = commands.add_parser("coco-reference", help="a COCO-layout split's images -> a reference batch .npz for FID")
+    r.add_argument("--source", required=True, help="split folder, e.g. DATA/coco256_features/val")
+    r.add_argument("--dest", required=True, help="output .npz (arr_0: uint8 N x H x W x 3)")
+    r.add_argument("--max-images", type=int, default=None, help="only the first N items")
+    r.set_defaults(run=coco_reference)
     return parser
 
 

@@ -190,3 +190,65 @@ def png_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     PIL.Image.fromarray(array).save(buffer, format="png", compress_level=0, optimize=False)
     return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The MS-COCO feature layout (U-ViT's, read by the official REPA MSCOCO256Features): text-to-image data
+# ---------------------------------------------------------------------------------------------------
+# ROOT/empty_context.npy         (77, D) float32: text tokens of the empty caption, the null condition of CFG
+# ROOT/{train,val}/{i}.png       the 256 px crop of image i (images sorted by COCO image id)
+# ROOT/{train,val}/{i}.npy       (2C, H/8, W/8) float32 SD-VAE moments: posterior mean stacked on its *log-variance*
+#                                (the encoder's raw output, as U-ViT stores it; the ImageNet layout stores the std)
+# ROOT/{train,val}/{i}_{k}.npy   (77, D) float32 text tokens of image i's caption k (COCO's annotation order)
+# ROOT/{train,val}/captions.json the caption strings and COCO image ids (ours; the official reader ignores it)
+# The official reader counts items as (#*.npy - #*_*.npy) and captions per item from the {i}_{k} names.
+EMPTY_CONTEXT = "empty_context.npy"
+CAPTIONS_JSON = "captions.json"
+TEXT_ENCODER_JSON = "text_encoder.json"  # ROOT/text_encoder.json: which encoder made the tokens (ours)
+_COCO_PATTERN = re.compile(r"^(\d+)(?:_(\d+))?\.(png|npy)$")
+
+
+def coco_image_name(index: int) -> str:
+    return f"{index}.png"
+
+
+def coco_moments_name(index: int) -> str:
+    return f"{index}.npy"
+
+
+def coco_context_name(index: int, caption: int) -> str:
+    return f"{index}_{caption}.npy"
+
+
+def is_coco_layout(data_dir: str) -> bool:
+    """A text-to-image data root: empty_context.npy next to a train/ (or val/) split folder."""
+    return os.path.isfile(os.path.join(data_dir, EMPTY_CONTEXT)) and any(
+        os.path.isdir(os.path.join(data_dir, split)) for split in ("train", "val")
+    )
+
+
+def scan_coco_split(folder: str) -> tuple[set, set, dict]:
+    """(indices with an image, indices with moments, {index: number of captions}) of one split folder.
+
+    Caption numbers of an item must run 0..n-1 (the official reader draws k in that range); a gap raises.
+    """
+    images, moments, captions = set(), set(), {}
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            match = _COCO_PATTERN.match(entry.name)
+            if not match:
+                continue
+            index, caption, ext = int(match.group(1)), match.group(2), match.group(3)
+            if caption is not None and ext == "npy":
+                captions.setdefault(index, set()).add(int(caption))
+            elif caption is None:
+                (images if ext == "png" else moments).add(index)
+    counts = {}
+    for index, ks in captions.items():
+        if ks != set(range(len(ks))):
+            raise ValueError(
+                f"{folder}: captions of item {index} are numbered {sorted(ks)[:8]}, not 0..{len(ks) - 1} "
+                "(an interrupted preprocessing run? rerun the same command to finish it)"
+            )
+        counts[index] = len(ks)
+    return images, moments, counts

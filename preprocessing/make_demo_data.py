@@ -9,9 +9,18 @@ random within each class, so the class is the geometry alone. The set is a pure 
 and the options. Written as DIR/images/ (00000/img00000000.png ..., dataset.json with labels and
 class names), exactly what `dataset_tools.py convert` writes, so dataset.py reads it in pixel space;
 an SD-VAE turns 32 px into 4 x 4 latents, so `--vae` exists to exercise the latent path, not to train.
+
+    python -m preprocessing.make_demo_data --out data/demo_t2i --captions   # the text-to-image demo set
+
+`--captions` writes the captioned variant in the MS-COCO feature layout instead (train/ and val/ with
+{i}.png and {i}_{k}.npy, empty_context.npy; see preprocessing/layout.py), pixel space (no {i}.npy moments).
+Colours come from a named palette, and every image gets two captions that name them and the shape, e.g.
+"a red disk on a blue background". The tokens come from a RANDOMLY INITIALISED text encoder
+(models/text_encoder.py, width --text-width): the demo checks the pipeline, not text understanding.
 """
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -34,6 +43,18 @@ CLASS_NAMES = [
     "checkerboard",
     "dots",
 ]
+# Shape names as captions say them (the class names are folder-style).
+CAPTION_NAMES = [n.replace("-", " ") for n in CLASS_NAMES]
+COLOURS = {  # the captioned set's palette: name -> RGB in [0, 1]
+    "red": (0.85, 0.1, 0.1),
+    "green": (0.1, 0.65, 0.2),
+    "blue": (0.15, 0.25, 0.9),
+    "yellow": (0.95, 0.85, 0.1),
+    "white": (0.95, 0.95, 0.95),
+    "black": (0.05, 0.05, 0.05),
+    "purple": (0.55, 0.15, 0.7),
+    "orange": (1.0, 0.55, 0.05),
+}
 SUPERSAMPLE = 4  # shapes are drawn on a 4x finer grid and box-averaged: anti-aliased edges
 
 
@@ -84,14 +105,14 @@ def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
             return fg, bg
 
 
-def render(label: int, resolution: int, rng: np.random.Generator) -> np.ndarray:
-    """One (resolution, resolution, 3) uint8 image of class `label`."""
+def render(label: int, resolution: int, rng: np.random.Generator, colours=None) -> np.ndarray:
+    """One (resolution, resolution, 3) uint8 image of class `label` (in the given (fg, bg) RGB, else random)."""
     n = resolution * SUPERSAMPLE
     grid = (np.arange(n) + 0.5) / n
     u, v = np.meshgrid(grid, grid)  # (n, n) each; u runs along x (columns)
     mask = _shape_mask(CLASS_NAMES[label], u, v, rng).astype(np.float32)
     coverage = mask.reshape(resolution, SUPERSAMPLE, resolution, SUPERSAMPLE).mean(axis=(1, 3))
-    fg, bg = _colours(rng)
+    fg, bg = _colours(rng) if colours is None else map(np.asarray, colours)
     image = coverage[..., None] * fg + (1 - coverage[..., None]) * bg  # (R, R, 3)
     image += rng.normal(0, 0.02, size=image.shape)  # mild sensor-like noise
     return np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
@@ -125,6 +146,63 @@ def make_demo_data(out: str, *, per_class: int = 400, num_classes: int = 10, res
     return len(entries)
 
 
+def captions_for(label: int, fg: str, bg: str) -> list[str]:
+    """The two captions of a captioned demo image."""
+    shape = CAPTION_NAMES[label]
+    article = "" if shape.endswith(("stripes", "dots")) else "a "
+    return [f"{article}{fg} {shape} on a {bg} background", f"{shape} in {fg} over {bg}"]
+
+
+def make_captioned_demo_data(
+    out: str,
+    *,
+    per_class: int = 100,
+    val_per_class: int = 10,
+    num_classes: int = 10,
+    resolution: int = 32,
+    seed: int = 0,
+    text_width: int = 64,
+):
+    """Write out/train/, out/val/ and out/empty_context.npy in the MS-COCO feature layout; returns the counts."""
+    from models.text_encoder import load_text_encoder
+    from preprocessing.dataset_tools import _npy_bytes
+
+    if not 1 <= num_classes <= len(CLASS_NAMES):
+        raise ValueError(f"num_classes must be in [1, {len(CLASS_NAMES)}], got {num_classes}")
+    settings = {"seed": seed, "per_class": per_class, "val_per_class": val_per_class, "num_classes": num_classes,
+                "resolution": resolution, "text_width": text_width}  # fmt: skip
+    marker = os.path.join(out, "demo.json")
+    if os.path.exists(out) and os.listdir(out):
+        if not os.path.isfile(marker):
+            raise FileExistsError(f"{out} exists and is not a captioned demo set; refusing to overwrite it")
+        shutil.rmtree(out)  # a previous demo set, maybe with other options: start clean
+    encoder = load_text_encoder(weights="random", width=text_width)
+    layout.atomic_write(os.path.join(out, layout.EMPTY_CONTEXT), _npy_bytes(encoder.encode([""])[0].numpy()))
+    layout.atomic_write(os.path.join(out, layout.TEXT_ENCODER_JSON), json.dumps(encoder.describe()).encode())
+    names = list(COLOURS)
+    counts = {}
+    for split, count, split_seed in (("train", per_class, seed), ("val", val_per_class, seed + 1)):
+        rng = np.random.default_rng(split_seed)
+        labels = rng.permutation(np.repeat(np.arange(num_classes), count))
+        folder = os.path.join(out, split)
+        listing = {"labels": [], "captions": []}
+        for index, label in enumerate(tqdm(labels, desc=f"demo {split}", unit="img")):
+            fg, bg = rng.choice(len(names), size=2, replace=False)
+            image = render(int(label), resolution, rng, (COLOURS[names[fg]], COLOURS[names[bg]]))
+            layout.atomic_write(os.path.join(folder, layout.coco_image_name(index)), layout.png_bytes(image))
+            captions = captions_for(int(label), names[fg], names[bg])
+            for k, tokens in enumerate(encoder.encode(captions)):
+                layout.atomic_write(
+                    os.path.join(folder, layout.coco_context_name(index, k)), _npy_bytes(tokens.numpy())
+                )
+            listing["labels"].append(int(label))
+            listing["captions"].append(captions)
+        layout.atomic_write(os.path.join(folder, layout.CAPTIONS_JSON), json.dumps(listing).encode())
+        counts[split] = len(labels)
+    layout.atomic_write(marker, json.dumps({"demo": settings}).encode())
+    return counts
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/demo", help="data folder; images/ (and vae-sd/) go inside")
@@ -133,9 +211,21 @@ def main(argv=None):
     parser.add_argument("--resolution", type=int, default=32, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae", default=None, help="also encode to OUT/vae-sd with this VAE (name or folder)")
+    parser.add_argument("--captions", action="store_true", help="the captioned text-to-image set (COCO layout)")
+    parser.add_argument("--val-per-class", type=int, default=10, help="--captions: validation images per class")
+    parser.add_argument("--text-width", type=int, default=64, help="--captions: token width of the random encoder")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
+    if args.captions:
+        if args.vae is not None:
+            raise ValueError("--vae applies to the labelled set only; the captioned demo trains in pixel space")
+        counts = make_captioned_demo_data(
+            args.out, per_class=args.per_class, val_per_class=args.val_per_class, num_classes=args.num_classes,
+            resolution=args.resolution, seed=args.seed, text_width=args.text_width,
+        )  # fmt: skip
+        print(f"wrote the captioned demo set to {args.out}: {counts} images in {time.perf_counter() - start:.1f} s")
+        return
     count = make_demo_data(
         args.out, per_class=args.per_class, num_classes=args.num_classes, resolution=args.resolution, seed=args.seed
     )

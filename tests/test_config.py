@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from config import TrainConfig, config_from_dict, load_yaml_config, parse_config
-from models import MODELS
+from models import MODELS, T2I_MODELS
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 
@@ -84,15 +84,19 @@ def test_yaml_round_trip():
 def test_every_config_parses_and_builds_on_meta(path):
     c = load_yaml_config(path)
     side = c.resolution if c.pixel_space else c.resolution // 8
+    common = dict(
+        input_size=side,
+        in_channels=3 if c.pixel_space else 4,
+        z_dims=[768] * len(c.encoder_names) if c.proj_coeff > 0 else [],
+        encoder_depth=c.encoder_depth,
+    )
     with torch.device("meta"):
-        model = MODELS[c.model](
-            input_size=side,
-            in_channels=3 if c.pixel_space else 4,
-            num_classes=c.num_classes,
-            z_dims=[768] * len(c.encoder_names) if c.proj_coeff > 0 else [],
-            encoder_depth=c.encoder_depth,
-        )
-    assert len(model.blocks) >= c.encoder_depth
+        if c.model in T2I_MODELS:  # text-to-image: no classes, the depth override sets the size
+            model = T2I_MODELS[c.model](**common, **({"depth": c.depth} if c.depth else {}))
+        else:
+            model = MODELS[c.model](num_classes=c.num_classes, **common)
+    blocks = model.joint_blocks if c.model in T2I_MODELS else model.blocks
+    assert len(blocks) >= c.encoder_depth
 
 
 @pytest.mark.parametrize(
