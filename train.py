@@ -68,6 +68,12 @@ def learning_rate_at(cfg: TrainConfig, step: int) -> float:
     return cfg.learning_rate
 
 
+def alignment_on(cfg: TrainConfig, step: int) -> bool:
+    """Whether optimizer step `step` (0-based) aligns: always, unless HASTE's --early-stop-point N ends
+    alignment (and the encoder forward) from step N on. A function of the step: resumes exactly."""
+    return cfg.early_stop_point == 0 or step < cfg.early_stop_point
+
+
 def sample_latents(x, cfg: TrainConfig):
     """Dataset `x` -> model input. Latent mode: x holds the posterior mean and std (N, 2C, h, w); draw a
     sample and scale it (0.18215 for the SD-VAE). Pixel mode: x already is the image in [-1, 1]."""
@@ -330,8 +336,7 @@ class TrainStep:
         items' stored encoder tokens (--target-cache), one tensor per encoder, or nothing; step: 0-based."""
         cfg, accelerator = self.cfg, self.accelerator
         bad_losses = torch.zeros((), device=self.device)  # this rank's non-finite micro-step losses
-        # HASTE's one-shot termination: from --early-stop-point on, no alignment target and no encoder forward.
-        aligning = cfg.early_stop_point == 0 or step < cfg.early_stop_point
+        aligning = alignment_on(cfg, step)  # no alignment target, no encoder forward after HASTE's stop
         for position, indices, images, x, labels, *cached in micro_batches:
             torch.manual_seed(step_seed(cfg.seed, self.rank, position))  # all randomness of this micro-step
             x = sample_latents(x, cfg)
@@ -663,10 +668,8 @@ def train(cfg: TrainConfig):
     alignment_stopped = False
 
     while step < total_steps:
-        # HASTE's one-shot termination: from --early-stop-point on, no alignment loss and no encoder forward.
-        # A function of the step alone, so a resume on either side of it continues exactly.
-        aligning = cfg.early_stop_point == 0 or step < cfg.early_stop_point
-        if not aligning and encoders and not alignment_stopped:
+        # HASTE's one-shot termination (alignment_on): free the encoder once, when the step reaches the stop.
+        if not alignment_on(cfg, step) and encoders and not alignment_stopped:
             alignment_stopped = True
             if use_attn:
                 raw_model.record_attention(())  # every block back on the fused kernel
