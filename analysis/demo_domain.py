@@ -212,7 +212,8 @@ def train_nets(
     kwargs = encoder_kwargs(resolution, grid, encoder_width, encoder_depth)
     folders = make_splits(out, resolution, {"heldout": heldout_per_class})
     for net, epochs in (("encoder", encoder_epochs), ("evaluator", evaluator_epochs)):
-        if (out / f"{net}.pt").exists():
+        if (out / f"{net}.pt").exists():  # reused; a file without a record says only that much
+            record.setdefault(net, dict(file=f"{net}.pt", made_by="found in the folder, not recorded"))
             continue
         folders |= make_splits(out, resolution, {net: sizes[net]})
         images, labels = load_images(folders[net])
