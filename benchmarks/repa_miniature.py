@@ -224,7 +224,7 @@ def save_plots(results: dict, out: Path) -> None:
 
 def save_final_grid(out: Path, methods, seed: int, step: int) -> None:
     """One panel per method (in --methods order), up to 8 samples per class, one row per class."""
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
     panels = []
     for method in methods:
@@ -235,7 +235,13 @@ def save_final_grid(out: Path, methods, seed: int, step: int) -> None:
         panels.append(np.concatenate(rows, axis=0))
     gap = np.full((panels[0].shape[0], 8, 3), 255, np.uint8)
     grid = np.concatenate([x for panel in panels for x in (panel, gap)][:-1], axis=1)
-    Image.fromarray(grid).resize((2 * grid.shape[1], 2 * grid.shape[0]), Image.NEAREST).save(out / "samples_final.png")
+    grid = Image.fromarray(grid).resize((2 * grid.shape[1], 2 * grid.shape[0]), Image.NEAREST)
+    labelled = Image.new("RGB", (grid.width, grid.height + 14), "white")  # the method's name above its panel
+    labelled.paste(grid, (0, 14))
+    draw = ImageDraw.Draw(labelled)
+    for i, method in enumerate(methods):
+        draw.text((2 * i * (panels[0].shape[1] + 8) + 2, 1), method, fill="black")
+    labelled.save(out / "samples_final.png")
 
 
 def spread(values) -> dict:
