@@ -321,7 +321,7 @@ def main(argv=None):
     p.add_argument("--sample-steps", type=int, default=15, help="Heun ODE steps of the evaluation samples")
     p.add_argument("--sample-seed", type=int, default=7)
     p.add_argument("--cknna-t", type=float, default=0.5)
-    p.add_argument("--encoder-epochs", type=int, default=8)
+    p.add_argument("--encoder-epochs", type=int, default=24)
     p.add_argument("--evaluator-epochs", type=int, default=6)
     p.add_argument(
         "--nets",
