@@ -10,7 +10,8 @@ and backward; then the clip, fused AdamW and the EMA. Random latent moments and 
 unless --enc-weights pretrained (the cost does not depend on them).
 
 compile_s is the wall time of the first step when compiling (compilation dominates it); ms_per_step is the
-mean of --steps steps after --warmup. FLOPs of a step: the SiT forward x 3 (forward + backward) plus the
+mean wall time of --steps steps after --warmup; cpu_ms_per_step the process CPU time of the same steps (all
+threads): on a CPU shared with other jobs it is the steadier figure, since waiting for a core is not counted. FLOPs of a step: the SiT forward x 3 (forward + backward) plus the
 frozen encoder's forward, counted analytically (2 x multiply-accumulates). MFU = achieved / peak FLOP/s,
 null where the peak is unknown (CPUs: pass --peak-tflops).
 """
@@ -150,11 +151,12 @@ def main():
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for k in range(args.warmup, args.warmup + args.steps):
         step(k)
     synchronize(device)
     seconds = (time.perf_counter() - start) / args.steps
+    cpu_seconds = (time.process_time() - cpu_start) / args.steps
     stats = info["train_step"].read_stats()
 
     tflops = info["flops_per_step"] / seconds / 1e12
@@ -162,6 +164,7 @@ def main():
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     result = {
         "ms_per_step": 1000 * seconds,
+        "cpu_ms_per_step": 1000 * cpu_seconds,
         "img_per_s": args.batch_size / seconds,
         "peak_mem_gib": peak_memory_gib(device),
         "tflops": tflops,
@@ -179,7 +182,9 @@ def main():
         return
     print(f"device: {name}; {args.model}, batch {args.batch_size}, {args.resolution}px, {args.precision}, "
           f"encoders: {args.enc_type}{' (cached targets)' if args.target_cache else ''}, compile {info['compiled']}")  # fmt: skip
-    print(f"ms/step: {result['ms_per_step']:.1f}   img/s: {result['img_per_s']:.2f}   TFLOP/s: {tflops:.3f}")
+    print(
+        f"ms/step: {result['ms_per_step']:.1f} (CPU {result['cpu_ms_per_step']:.1f})   img/s: {result['img_per_s']:.2f}   TFLOP/s: {tflops:.3f}"
+    )
     print(f"peak memory: {result['peak_mem_gib']:.2f} GiB" + (" (process RSS)" if device.type != "cuda" else ""))
     if info["compiled"]:
         print(f"compile (first step): {first_s:.1f} s")
