@@ -39,20 +39,23 @@ from config import parse_bool  # noqa: E402
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def import_official(path: Path):
-    """models.sit and loss from the official checkout, without clashing with this project's own modules."""
-    if not (path / "models" / "sit.py").is_file() or not (path / "loss.py").is_file():
-        raise FileNotFoundError(f"--official {path}: expected a REPA checkout with models/sit.py and loss.py")
-    saved = {name: sys.modules.pop(name) for name in list(sys.modules) if name in ("loss", "models") or name.startswith("models.")}  # fmt: skip
+def import_official(path: Path, names=("models.sit", "loss")):
+    """These modules of the official checkout, without clashing with this project's modules of the same names."""
+    missing = [name for name in names if not (path / (name.replace(".", "/") + ".py")).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--official {path}: expected a REPA checkout with {', '.join(missing)}")
+    tops = {name.split(".")[0] for name in names}
+    clashes = lambda: [n for n in sys.modules if n.split(".")[0] in tops]  # noqa: E731
+    saved = {name: sys.modules.pop(name) for name in clashes()}
     sys.path.insert(0, str(path))
     try:
-        sit, loss = importlib.import_module("models.sit"), importlib.import_module("loss")
+        modules = [importlib.import_module(name) for name in names]
     finally:
         sys.path.remove(str(path))
-        for name in [n for n in sys.modules if n in ("loss", "models") or n.startswith("models.")]:
+        for name in clashes():
             del sys.modules[name]
         sys.modules.update(saved)
-    return sit, loss
+    return modules
 
 
 def build_official_step(args):
