@@ -15,9 +15,14 @@ from pathlib import Path
 
 import yaml
 
-# HASTE's attention pairing (SiT block:encoder block, 1-based) for its main run. NOT VERIFIED against HASTE's
-# code, which could not be read where this was written: these are this project's choice (the four SiT blocks
-# up to REPA's alignment depth 8 against DINOv2-B's last four blocks); check HASTE's train.py before relying on it.
+# HASTE's attention pairing (SiT block:encoder block, 1-based) for its main run. Sources (HASTE's own train.py and
+# loss are not in any index searched; its README and train.sh are): NUS-HPC-AI-Lab/HASTE README.md + train.sh give
+# --attn-coeff 0.5, --proj-coeff 0.5, --encoder-depth 8, --early-stop-point 250000, DINOv2-B only. The pairing,
+# head matching and loss form are those of an independent port that says it follows HASTE's reference
+# (seruva19/takenoko, src/enhancements/haste/haste_helper.py + config_parser.py): SiT blocks 4..7 (0-based) against
+# encoder blocks 8..11 (offset 4), the first 12 heads (DINOv2-B's count) head h with head h, teacher logits
+# without the class token, softmax(teacher) x log_softmax(student) summed over keys, averaged over queries, heads,
+# batch and pairs. In 1-based blocks that is exactly this entry; not checked against HASTE's own code.
 HASTE_DEFAULT_ATTN_LAYERS = {("SiT-XL/2", "dinov2-vit-b"): "5:9,6:10,7:11,8:12"}
 
 

@@ -306,6 +306,7 @@ def extract_features(
     t: float = 0.5,
     seed: int = 0,
     indices: Sequence[int] | None = None,
+    cls_token: torch.Tensor | None = None,
 ) -> dict[int, torch.Tensor]:
     """{block l: (N, D) hidden state after block l, averaged over tokens} for one batch, on the CPU (float32).
 
@@ -313,6 +314,10 @@ def extract_features(
     moments or pixels). labels: None for the null class (REPA's protocol), else (N,) class labels.
     layers: 1-based block numbers (default: all). indices: the items' dataset indices, which fix their
     noise (default 0..N-1). The forward stops after the deepest requested block.
+    cls_token: REG models only (built with cls_token_dim), which denoise the encoder's class token with the
+    image: the (N, cls_token_dim) class tokens of the clean images, noised to the same t as in training
+    (noise fixed by (seed + 1, item)). Their hidden states are averaged over the patch tokens alone, so
+    they compare with those of other models.
     """
     device = next(model.parameters()).device
     depth = len(model.blocks)
@@ -328,12 +333,28 @@ def extract_features(
         raise ValueError(f"the data gives model inputs of shape {tuple(x0.shape[1:])}, the model expects {shape}")
     x_t, time_input = noised_input(model, settings, x0, noise, t)
     y = null_labels(model, n, device) if labels is None else labels.to(device)
+    reg = {}
+    cls_dim = getattr(model, "cls_token_dim", None)
+    if cls_dim:  # REG: the class token rides along at sequence position 0, noised like the image
+        if cls_token is None or tuple(cls_token.shape) != (n, cls_dim):
+            got = None if cls_token is None else tuple(cls_token.shape)
+            raise ValueError(
+                f"this REG model denoises a class token: pass cls_token of shape ({n}, {cls_dim}), got {got}"
+            )
+        (cls_noise,) = item_noise(indices, (cls_dim,), seed + 1).to(device)
+        interpolant = Interpolant(settings.get("path_type", "linear"))
+        reg["cls_token"], _ = interpolant.interpolate(
+            cls_token.to(device, x0.dtype), cls_noise, torch.tensor(t, dtype=x0.dtype)
+        )
+    elif cls_token is not None:
+        raise ValueError("cls_token is for REG models (built with cls_token_dim); this model has no class token")
+    skip = 1 if cls_dim else 0  # REG's class token is not a patch
 
     pooled = {}
 
     def hook(layer):
         def store(module, inputs, output):
-            pooled[layer] = output.float().mean(dim=1).cpu()  # (N, T, D) -> (N, D)
+            pooled[layer] = output[:, skip:].float().mean(dim=1).cpu()  # (N, T, D) -> (N, D)
             if layer == layers[-1]:
                 raise _StopForward
 
@@ -341,7 +362,7 @@ def extract_features(
 
     handles = [model.blocks[layer - 1].register_forward_hook(hook(layer)) for layer in layers]
     try:
-        model(x_t, time_input, y)
+        model(x_t, time_input, y, **reg)
     except _StopForward:
         pass
     finally:

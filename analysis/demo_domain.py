@@ -199,7 +199,7 @@ def encoder_probe_accuracy(encoder, images, labels) -> float:
 
 
 def train_nets(
-    out: Path, resolution: int, grid: int, encoder_epochs: int, evaluator_epochs: int, per_class: int = 400,
+    out: Path, resolution: int, grid: int, encoder_epochs: int, evaluator_epochs: int, per_class: int = 1000,
     evaluator_per_class: int = 300, encoder_width: int = 128, encoder_depth: int = 4, heldout_per_class: int = 100,
 ) -> dict:  # fmt: skip
     """encoder.pt and evaluator.pt in `out` (each trained unless already there) and nets.json: how they were
@@ -244,21 +244,31 @@ def train_nets(
 
 
 @torch.no_grad()
-def generate(model, num_samples: int, num_steps: int, seed: int, cfg_scale: float = 1.0, batch_size: int = 250):
+def generate(
+    model, num_samples: int, num_steps: int, seed: int, cfg_scale: float = 1.0, batch_size: int = 250,
+    cls_cfg_scale: float = 1.0,
+):  # fmt: skip
     """Class-balanced EMA samples as uint8 (N, 3, H, W) and their labels, from noise fixed by `seed`.
-    Heun's probability-flow ODE; pixel-space models (images in [-1, 1])."""
+    Heun's probability-flow ODE; pixel-space models (images in [-1, 1]).
+
+    REG models (built with cls_token_dim) are sampled as REG samples them: the encoder's class token is
+    integrated jointly with the image (samplers.euler_sampler's cls_latents, guided with cls_cfg_scale). Its
+    initial noise is drawn after the image noise, so every model given the same seed starts from the same
+    image noise, REG or not.
+    """
     from samplers import euler_sampler
 
     labels = torch.arange(num_samples) % model.num_classes
-    noise = torch.randn(
-        (num_samples, model.in_channels, model.input_size, model.input_size),
-        generator=torch.Generator().manual_seed(seed),
-    )
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((num_samples, model.in_channels, model.input_size, model.input_size), generator=generator)
+    cls_dim = getattr(model, "cls_token_dim", None)
+    cls_noise = torch.randn((num_samples, cls_dim), generator=generator) if cls_dim else None
     out = []
     for i in range(0, num_samples, batch_size):
+        reg = {} if cls_noise is None else dict(cls_latents=cls_noise[i : i + batch_size], cls_cfg_scale=cls_cfg_scale)
         x = euler_sampler(
             model, noise[i : i + batch_size], labels[i : i + batch_size], num_steps=num_steps, heun=True,
-            cfg_scale=cfg_scale,
+            cfg_scale=cfg_scale, **reg,
         )  # fmt: skip
         out.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
     return torch.cat(out), labels
@@ -315,9 +325,9 @@ def main(argv=None):
     t.add_argument("--out", default="analysis/demo_nets")
     t.add_argument("--resolution", type=int, default=16)
     t.add_argument("--grid", type=int, default=4, help="token grid of the encoder (= the SiT's)")
-    t.add_argument("--per-class", type=int, default=400, help="training images per class of the encoder")
+    t.add_argument("--per-class", type=int, default=1000, help="training images per class of the encoder")
     t.add_argument("--evaluator-per-class", type=int, default=300, help="training images per class of the evaluator")
-    t.add_argument("--encoder-epochs", type=int, default=12)
+    t.add_argument("--encoder-epochs", type=int, default=24)
     t.add_argument("--evaluator-epochs", type=int, default=6)
     e = sub.add_parser("evaluate", help="sample a checkpoint and print the evaluator's verdict")
     e.add_argument("--ckpt", required=True)

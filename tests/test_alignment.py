@@ -236,6 +236,39 @@ def test_features_do_not_depend_on_the_batch_and_differ_with_t_and_labels():
         extract_features(model, settings, randn(2, 3, 8, 8).float())
 
 
+def test_reg_features_noise_the_class_token_and_pool_the_patches_alone():
+    torch.manual_seed(0)
+    model = SiT_models["SiT-S/8"](
+        input_size=16, in_channels=3, num_classes=5, depth=2, hidden_size=32, num_heads=2, z_dims=[], cls_token_dim=6
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    model.eval()
+    settings, x, t = SETTINGS["sit-pixel"], randn(3, 3, 16, 16, seed=17).float(), 0.6
+    cls = randn(3, 6, seed=18).float()
+    feats = extract_features(model, settings, x, layers=[2], t=t, seed=2, cls_token=cls)
+
+    # By hand: the image as for any SiT; the class token noised to t with noise from (seed + 1, item).
+    noise = torch.stack([torch.randn((2, 3, 16, 16), generator=torch.Generator().manual_seed(2 * 1_000_003 + i)) for i in range(3)], 1)[1]  # fmt: skip
+    cls_noise = torch.stack([torch.randn(6, generator=torch.Generator().manual_seed(3 * 1_000_003 + i)) for i in range(3)])  # fmt: skip
+    interpolant = Interpolant("linear")
+    x_t, cls_t = interpolant.interpolate(x, noise, torch.tensor(t))[0], interpolant.interpolate(cls, cls_noise, torch.tensor(t))[0]  # fmt: skip
+    with torch.no_grad():
+        h = (
+            torch.cat([model.wg_norm(model.cls_projectors2(cls_t)).unsqueeze(1), model.x_embedder(x_t)], 1)
+            + model.pos_embed
+        )
+        c = model.t_embedder(torch.full((3,), t)) + model.y_embedder(torch.full((3,), 5), False)
+        for block in model.blocks:
+            h = block(h, c)
+    torch.testing.assert_close(feats[2], h[:, 1:].mean(dim=1), atol=1e-5, rtol=1e-5)  # patches only
+    with pytest.raises(ValueError, match="pass cls_token of shape"):
+        extract_features(model, settings, x, layers=[2])
+    with pytest.raises(ValueError, match="for REG models"):
+        extract_features(tiny_model("sit-pixel"), settings, x, layers=[1], cls_token=cls)
+
+
 #################################################################################
 #                               CLI end to end                                  #
 #################################################################################

@@ -69,6 +69,25 @@ def test_evaluate_prints_the_verdict_and_writes_json_and_grid(nets, tmp_path, ca
     assert "samples are classified as their label by the independent evaluator" in capsys.readouterr().out
 
 
+def test_generate_samples_reg_models_jointly_from_the_same_image_noise():
+    """A REG model's samples integrate the class token with the image (REG's sampler); its noise is drawn
+    after the image noise, so REG and other models start from the same images' noise."""
+    from samplers import euler_sampler
+
+    kwargs = dict(depth=2, hidden_size=32, num_heads=2, input_size=16, in_channels=3, num_classes=10, z_dims=[])
+    torch.manual_seed(0)
+    reg = SiT_models["SiT-S/4"](**kwargs, cls_token_dim=6).eval()
+    with torch.no_grad():
+        for p in reg.parameters():
+            p.normal_(0, 0.05)
+    samples, labels = demo_domain.generate(reg, 12, 3, seed=4, batch_size=5)
+    g = torch.Generator().manual_seed(4)
+    noise, cls_noise = torch.randn((12, 3, 16, 16), generator=g), torch.randn((12, 6), generator=g)
+    x = euler_sampler(reg, noise, labels, num_steps=3, heun=True, cls_latents=cls_noise)
+    assert torch.equal(samples, ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+    assert torch.equal(labels, torch.arange(12) % 10)
+
+
 def test_evaluate_refuses_a_model_of_another_resolution(nets, tmp_path):
     tiny_checkpoint(tmp_path / "0000007.pt", resolution=32)
     with pytest.raises(ValueError, match="a 32 px model, but the evaluator .* judges 16 px"):
