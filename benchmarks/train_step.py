@@ -46,7 +46,7 @@ MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 # The settings this benchmark uses without --config (with one, the file's values instead).
 DEFAULTS = dict(
     model="SiT-B/2", batch_size=32, resolution=256, enc_type="dinov2-vit-b", enc_weights="random", encoder_depth=4,
-    precision="fp32", compile=True,
+    precision="fp32", compile=None,  # None: train.py's default (CUDA compiled, CPU eager); true: compiled anywhere
 )  # fmt: skip
 
 
@@ -72,7 +72,10 @@ def parser():
     p.add_argument("--encoder-depth", type=int, default=None, help=f"default {DEFAULTS['encoder_depth']}")
     p.add_argument("--precision", choices=tuple(MIXED_PRECISION), default=None, help="default fp32")
     p.add_argument("--target-cache", type=parse_bool, default=False, help="precomputed targets, no encoder forward")
-    p.add_argument("--compile", type=parse_bool, default=None, help="torch.compile where it works (train.py's)")
+    p.add_argument(
+        "--compile", type=parse_bool, default=None,
+        help="true: torch.compile (CPU too); default: train.py's (compiled on CUDA, eager on a CPU)",
+    )  # fmt: skip
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for the MFU (needed on a CPU)")
@@ -88,6 +91,10 @@ def step_config(args) -> TrainConfig:
         base, flags = load_yaml_config(config_file), {k: v for k, v in given.items() if v is not None}
     else:
         base, flags = TrainConfig(), {k: DEFAULTS[k] if v is None else v for k, v in given.items()}
+    if flags.get("compile") is None:
+        flags.pop("compile", None)
+    elif flags["compile"]:
+        flags["compile_cpu"] = True  # asked for: compiled on a CPU too (train.py's --compile-cpu)
     if "precision" in flags:
         flags["mixed_precision"] = MIXED_PRECISION[flags.pop("precision")]
     if flags.get("enc_type") == "none":
@@ -125,7 +132,7 @@ def build_step(args):
     optimizer = make_optimizer(cfg, model.parameters(), device)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
-    model, encode, compiled, _ = compile_step(model, encoders, cfg.compile, device)
+    model, encode, compiled, _ = compile_step(model, encoders, cfg.compile, device, cpu=cfg.compile_cpu)
     n = cfg.batch_size
     if args.target_cache and encoders:
         # What a target cache holds: each item's tokens in half precision, read instead of running the encoder.
