@@ -590,6 +590,8 @@ def train(cfg: TrainConfig):
     del ckpt
     raw_model = accelerator.unwrap_model(model)  # before compiling: checkpoint keys stay the official ones
     model, encode, use_compile, compile_note = compile_step(model, encoders, cfg.compile, device, cpu=cfg.compile_cpu)
+    if cfg.compile and not use_compile:
+        log(f"torch.compile: {compile_note}; the step runs eagerly")
 
     sampler = ResumableSampler(
         len(dataset), micro_global, cfg.seed, rank, world, start_index=position, with_position=is_t2i
