@@ -101,7 +101,10 @@ class TrainConfig:
     max_nonfinite_steps: int = 10  # skipped steps (non-finite loss or gradient) before the run stops
     mixed_precision: str = "fp16"  # no | fp16 | bf16
     allow_tf32: bool = True
-    compile: bool = True  # torch.compile model and encoders where it works (CUDA; CPU with a C++ compiler)
+    compile: bool = True  # torch.compile the model and the encoders' forward on CUDA
+    # ... and on a CPU (with a C++ compiler) too: off by default, since on this project's 2-core CPU the
+    # compiled step measured no faster than the eager one (README, Speed) and compiling takes minutes.
+    compile_cpu: bool = False
 
     def __post_init__(self):
         choices = {

@@ -607,6 +607,7 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32: reproducible samples across GPU types
 
     model, settings = load_model(args.ckpt, args.model, args.use_ema, args.encoder_depth)
+    model.project = False  # the samplers never read the projector outputs zs: skip them
     training = resolve_training_settings(args, settings)
     is_dit, is_t2i = isinstance(model, DiT), isinstance(model, MMDiT)
     if is_t2i:

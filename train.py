@@ -270,11 +270,14 @@ def compile_available(device) -> tuple[bool, str]:
     return False, f"untested on {device.type}"
 
 
-def compile_step(model, encoders, enabled: bool, device):
-    """torch.compile the SiT and the encoders' forward where it works (compile_available), else leave them
-    eager with a warning. Returns (model, [encode function per encoder], whether compiled, a note)."""
+def compile_step(model, encoders, enabled: bool, device, cpu: bool = False):
+    """torch.compile the SiT and the encoders' forward where it works (compile_available) and is asked for:
+    on a CPU only with `cpu` (--compile-cpu: measured no faster there, see README), else leave them eager
+    (with a warning where asked for but unavailable). Returns (model, [encode per encoder], compiled, a note)."""
     available, note = compile_available(device)
     encode = [enc.encode for enc in encoders]
+    if enabled and device.type == "cpu" and not cpu:
+        return model, encode, False, "off on the CPU (--compile-cpu true to compile there)"
     if enabled and not available:
         warnings.warn(f"--compile: torch.compile is off ({note}); training runs eagerly", stacklevel=2)
     if not (enabled and available):
@@ -586,7 +589,9 @@ def train(cfg: TrainConfig):
         accelerator.scaler.load_state_dict(ckpt["scaler"])
     del ckpt
     raw_model = accelerator.unwrap_model(model)  # before compiling: checkpoint keys stay the official ones
-    model, encode, use_compile, compile_note = compile_step(model, encoders, cfg.compile, device)
+    model, encode, use_compile, compile_note = compile_step(model, encoders, cfg.compile, device, cpu=cfg.compile_cpu)
+    if cfg.compile and not use_compile:
+        log(f"torch.compile: {compile_note}; the step runs eagerly")
 
     sampler = ResumableSampler(
         len(dataset), micro_global, cfg.seed, rank, world, start_index=position, with_position=is_t2i

@@ -12,8 +12,12 @@ label drop, DINOv2 forward_features under no_grad + autocast, SILoss, backward, 
 as the official), zero_grad, the official per-parameter EMA, and the three `.item()` it logs every step.
 Ours is train.TrainStep through benchmarks/train_step.py (the step train.py runs).
 
-Each rep times `--steps` steps of the official step and then of ours after one untimed warm-up step each; the
-ratio of a rep is official / ours (> 1: ours is faster). Printed: every rep, then min / median / max.
+Each rep times `--steps` steps of the official step and of ours, each after one untimed warm-up step, the
+order alternating between reps (official first in even reps) so that a drift in machine load favours neither.
+The ratio of a rep is official / ours (> 1: ours is faster), by wall time and by process CPU time (all
+threads); on a CPU shared with other jobs the CPU-time ratio is the steadier one, since waiting for a core
+is not counted. Printed: every rep, then min / median / max of both. --profile K then profiles one more step
+of each and prints its top K operators by self CPU time (torch.profiler): what bounds the step.
 """
 
 import argparse
@@ -35,20 +39,23 @@ from config import parse_bool  # noqa: E402
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def import_official(path: Path):
-    """models.sit and loss from the official checkout, without clashing with this project's own modules."""
-    if not (path / "models" / "sit.py").is_file() or not (path / "loss.py").is_file():
-        raise FileNotFoundError(f"--official {path}: expected a REPA checkout with models/sit.py and loss.py")
-    saved = {name: sys.modules.pop(name) for name in list(sys.modules) if name in ("loss", "models") or name.startswith("models.")}  # fmt: skip
+def import_official(path: Path, names=("models.sit", "loss")):
+    """These modules of the official checkout, without clashing with this project's modules of the same names."""
+    missing = [name for name in names if not (path / (name.replace(".", "/") + ".py")).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--official {path}: expected a REPA checkout with {', '.join(missing)}")
+    tops = {name.split(".")[0] for name in names}
+    clashes = lambda: [n for n in sys.modules if n.split(".")[0] in tops]  # noqa: E731
+    saved = {name: sys.modules.pop(name) for name in clashes()}
     sys.path.insert(0, str(path))
     try:
-        sit, loss = importlib.import_module("models.sit"), importlib.import_module("loss")
+        modules = [importlib.import_module(name) for name in names]
     finally:
         sys.path.remove(str(path))
-        for name in [n for n in sys.modules if n in ("loss", "models") or n.startswith("models.")]:
+        for name in clashes():
             del sys.modules[name]
         sys.modules.update(saved)
-    return sit, loss
+    return modules
 
 
 def build_official_step(args):
@@ -120,13 +127,30 @@ def build_official_step(args):
 
 
 def time_steps(step, steps, device):
+    """(wall seconds, process CPU seconds) per step, after one untimed warm-up step."""
     step()  # warm-up (and compilation, for ours with --compile true)
     synchronize(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
     synchronize(device)
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / steps, (time.process_time() - cpu_start) / steps
+
+
+def print_profile(name, step, device, rows):
+    """One step under torch.profiler: its top `rows` operators by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        synchronize(device)
+    print(f"--- {name}: top {rows} operators of one step by self CPU time")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=50))
+
+
+def summary(ratios):
+    return f"min {min(ratios):.3f}  median {statistics.median(ratios):.3f}  max {max(ratios):.3f}"
 
 
 def main():
@@ -142,6 +166,7 @@ def main():
     p.add_argument("--target-cache", type=parse_bool, default=False, help="ours with precomputed targets")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--profile", type=int, default=0, metavar="K", help="then print each step's top K operators")
     args = p.parse_args()
 
     official, device = build_official_step(args)
@@ -156,14 +181,24 @@ def main():
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{name}; {args.model}, batch {args.batch_size}, {args.resolution} px, {args.precision}, DINOv2-B; "
           f"ours: compile {info['compiled']}, target cache {args.target_cache}")  # fmt: skip
-    ratios = []
+    wall, cpu = [], []
     for rep in range(args.reps):
-        t_official = time_steps(official, args.steps, device)
-        t_ours = time_steps(ours, args.steps, device)
-        ratios.append(t_official / t_ours)
-        print(f"rep {rep}: official {1000 * t_official:.0f} ms/step, ours {1000 * t_ours:.0f} ms/step, "
-              f"ratio {ratios[-1]:.3f}", flush=True)  # fmt: skip
-    print(f"ratio official/ours: min {min(ratios):.3f}  median {statistics.median(ratios):.3f}  max {max(ratios):.3f}")
+        if rep % 2 == 0:
+            t_official = time_steps(official, args.steps, device)
+            t_ours = time_steps(ours, args.steps, device)
+        else:
+            t_ours = time_steps(ours, args.steps, device)
+            t_official = time_steps(official, args.steps, device)
+        wall.append(t_official[0] / t_ours[0])
+        cpu.append(t_official[1] / t_ours[1])
+        print(f"rep {rep}: official {1000 * t_official[0]:.0f} ms/step (CPU {1000 * t_official[1]:.0f}), "
+              f"ours {1000 * t_ours[0]:.0f} ms/step (CPU {1000 * t_ours[1]:.0f}), "
+              f"ratio {wall[-1]:.3f} (CPU {cpu[-1]:.3f})", flush=True)  # fmt: skip
+    print(f"ratio official/ours, wall time: {summary(wall)}")
+    print(f"ratio official/ours, CPU time:  {summary(cpu)}")
+    if args.profile:
+        print_profile("official", official, device, args.profile)
+        print_profile("ours", ours, device, args.profile)
 
 
 if __name__ == "__main__":

@@ -167,6 +167,7 @@ class MMDiT(nn.Module):
             [JointBlock(hidden_size, self.num_heads, mlp_ratio, last=i == depth - 1) for i in range(depth)]
         )
         self.projectors = nn.ModuleList([build_projector(hidden_size, projector_dim, z) for z in self.z_dims])
+        self.project = True  # False skips the projectors (sampling never reads zs), as models/sit.py's SiT
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
 
     def unpatchify(self, x):
@@ -192,7 +193,8 @@ class MMDiT(nn.Module):
         """x: (N, C, H, W) noisy latents; t: (N,) times in [0, 1]; context: (N, L, context_dim) text tokens
         (the empty caption's tokens are the null condition of classifier-free guidance).
 
-        Returns the velocity (N, C, H, W) and a list with one (N, T, z_dim) tensor per projector.
+        Returns the velocity (N, C, H, W) and a list with one (N, T, z_dim) tensor per projector (empty when
+        `self.project` is False).
         """
         self._check_input(x, t, context)
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
@@ -202,7 +204,7 @@ class MMDiT(nn.Module):
         zs = []
         for i, block in enumerate(self.joint_blocks):
             context, x = block(context, x, c)
-            if i + 1 == self.encoder_depth:
+            if i + 1 == self.encoder_depth and self.project:
                 zs = [projector(x) for projector in self.projectors]  # each (N, T, z_dim)
         x = self.final_layer(x, c)  # (N, T, p*p*C)
         return self.unpatchify(x), zs
@@ -226,7 +228,8 @@ MMDiT_models = {
 def mmdit_flops(model: MMDiT, context_length=77) -> float:
     """Analytic forward FLOPs for one sample with `context_length` text tokens (77 for CLIP): 2 x the
     multiply-accumulates of every matmul (embedders, both streams' qkv/proj/MLP/adaLN, the joint attention
-    over L + T tokens, projectors, final layer); norms and activations are not counted.
+    over L + T tokens, projectors unless `model.project` is False, final layer); norms and activations are
+    not counted.
     """
     D = model.pos_embed.shape[-1]
     T, L = model.pos_embed.shape[1], context_length
@@ -237,7 +240,7 @@ def mmdit_flops(model: MMDiT, context_length=77) -> float:
     for block in model.joint_blocks:
         macs += full_stream(T) + 2 * (L + T) ** 2 * D  # patches; q k^T and attention x v over L + T tokens
         macs += L * 3 * D * D + 2 * D * D if block.context_block.pre_only else full_stream(L)
-    for proj in model.projectors:
+    for proj in model.projectors if model.project else ():
         macs += T * sum(layer.in_features * layer.out_features for layer in proj if isinstance(layer, nn.Linear))
     macs += T * D * p * p * C_out + 2 * D * D
     return 2.0 * macs

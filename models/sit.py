@@ -396,6 +396,9 @@ class SiT(nn.Module):
         )
         if projection_layer_type == "mlp":
             self.register_load_state_dict_pre_hook(_accept_irepa_mlp_keys)
+        # Sampling never reads zs: sample_ddp.py sets this to False to skip the projectors (a REPA projector
+        # costs about as much as one SiT-B block per token; the official model runs it at every sampling step).
+        self.project = True
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, self.cls_token_dim)
         self.initialize_weights()
 
@@ -475,8 +478,8 @@ class SiT(nn.Module):
     def forward(self, x, t, y, force_drop_ids=None, cls_token=None):
         """x: (N, C, H, W) noisy latents; t: (N,) times in [0, 1]; y: (N,) labels (num_classes = null).
 
-        Returns the velocity (N, out_channels, H, W) and a list with one (N, T, z_dim) tensor per projector.
-        REG models (built with cls_token_dim) take the noisy class token cls_token (N, cls_token_dim), run it
+        Returns the velocity (N, out_channels, H, W) and a list with one (N, T, z_dim) tensor per projector
+        (empty when `self.project` is False). REG models (built with cls_token_dim) take the noisy class token cls_token (N, cls_token_dim), run it
         as sequence position 0 and return (velocity, zs, class-token velocity (N, cls_token_dim)); their zs
         hold 1 + T tokens, the class token first, as REG aligns [class token; patch tokens].
         """
@@ -491,7 +494,7 @@ class SiT(nn.Module):
         zs = []
         for i, block in enumerate(self.blocks):
             x = block(x, c)  # (N, T, D)
-            if i + 1 == self.encoder_depth:
+            if i + 1 == self.encoder_depth and self.project:
                 zs = [projector(x) for projector in self.projectors]  # each (N, T, z_dim)
         if self.cls_token_dim:
             x, cls_v = self.final_layer(x, c)  # (N, T, p*p*C), (N, cls_token_dim)
@@ -549,8 +552,9 @@ SiT_models = {
 def sit_flops(model: SiT) -> float:
     """Analytic forward FLOPs for one sample (2 x multiply-accumulates of the matmuls).
 
-    Counts the patch embedding, every block's qkv/attention/projection/MLP/adaLN, the projectors and the
-    final layer; ignores norms, activations and embeddings of t and y (<0.1%).
+    Counts the patch embedding, every block's qkv/attention/projection/MLP/adaLN, the projectors (unless
+    `model.project` is False: sampling skips them) and the final layer; ignores norms, activations and
+    embeddings of t and y (<0.1%).
     """
     D = model.pos_embed.shape[-1]
     T = model.pos_embed.shape[1]  # the sequence: patches (+ REG's class token)
@@ -559,7 +563,7 @@ def sit_flops(model: SiT) -> float:
     hidden_mlp = model.blocks[0].mlp.fc1.out_features if len(model.blocks) else 0
     per_block = T * (3 * D * D + 2 * T * D + D * D + 2 * D * hidden_mlp) + 6 * D * D
     macs = patches * p * p * C * D + len(model.blocks) * per_block
-    for proj in model.projectors:
+    for proj in model.projectors if model.project else ():
         for layer in proj.modules():
             if isinstance(layer, nn.Linear):
                 macs += T * layer.in_features * layer.out_features

@@ -222,6 +222,25 @@ def test_no_projectors_for_vanilla_sit():
     assert zs == [] and not any(k.startswith("projectors") for k in model.state_dict())
 
 
+@pytest.mark.parametrize("model_class", [SiT, DiT])
+def test_project_false_skips_the_projectors_only(model_class, monkeypatch):
+    torch.manual_seed(0)
+    model = model_class(**TINY).eval()
+    randomize_zero_init_layers(model)
+    x, t, y = torch.randn(3, 4, 8, 8), TIMES[model_class], torch.tensor([0, 1, 10])
+    with torch.no_grad():
+        out, zs = model(x, t, y)
+        model.project = False  # what sample_ddp.py sets: the samplers never read zs
+
+        def not_called(*args):
+            raise AssertionError("project=False must not run a projector")
+
+        monkeypatch.setattr(model.projectors[0], "forward", not_called)
+        out_skipped, zs_skipped = model(x, t, y)
+    assert zs and zs_skipped == []
+    torch.testing.assert_close(out_skipped, out, rtol=0, atol=0)
+
+
 def test_label_dropout_uses_num_classes_as_null():
     torch.manual_seed(0)
     model = SiT(

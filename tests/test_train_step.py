@@ -53,7 +53,7 @@ def test_compiled_and_eager_steps_give_the_same_loss_and_gradients():
     results = []
     for compiled in (False, True):
         model = tiny_sit().train()
-        step_model, _, used, _ = train.compile_step(model, [], compiled, torch.device("cpu"))
+        step_model, _, used, _ = train.compile_step(model, [], compiled, torch.device("cpu"), cpu=True)
         assert used == compiled
         x, y, zs = batch()
         torch.manual_seed(3)  # t, noise and the model's label dropout (eager draws under compile too)
@@ -66,6 +66,14 @@ def test_compiled_and_eager_steps_give_the_same_loss_and_gradients():
     assert eager_grads.keys() == comp_grads.keys() and len(eager_grads) > 10
     for name, grad in eager_grads.items():
         torch.testing.assert_close(comp_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compile_is_cuda_only_by_default():
+    # --compile true (the default) leaves a CPU run eager unless --compile-cpu true: measured no faster there.
+    model = tiny_sit()
+    assert TrainConfig().compile and not TrainConfig().compile_cpu
+    step_model, _, used, note = train.compile_step(model, [], True, torch.device("cpu"))
+    assert step_model is model and not used and "--compile-cpu" in note
 
 
 def test_adamw_is_fused_on_the_cpu_and_a_skip_changes_nothing():
