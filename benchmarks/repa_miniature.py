@@ -147,11 +147,11 @@ def evaluate_run(run_dir: Path, evaluator, real_feats, heldout_images, enc_feats
     """One row per checkpoint: step, FD, label accuracy, CKNNA of the aligned block vs the encoder.
     enc_cls: the encoder's (N, D) class tokens of the held-out images, which REG models take as input."""
     rows = []
+    x = heldout_images.float() / 127.5 - 1  # pixel space: the model's input is the image in [-1, 1]
     for ckpt in sorted((run_dir / "checkpoints").glob("*.pt")):
         model, settings = load_model(ckpt)
         samples, labels = generate(model, args.num_samples, args.sample_steps, seed=args.sample_seed)
         feats, predicted = evaluator_outputs(evaluator, samples)
-        x = heldout_images.float() / 127.5 - 1  # pixel space: the model's input is the image in [-1, 1]
         reg = {"cls_token": enc_cls} if getattr(model, "cls_token_dim", None) else {}
         hidden = extract_features(model, settings, x, layers=[args.encoder_depth], t=args.cknna_t, seed=0, **reg)
         rows.append(

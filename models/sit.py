@@ -479,9 +479,10 @@ class SiT(nn.Module):
         """x: (N, C, H, W) noisy latents; t: (N,) times in [0, 1]; y: (N,) labels (num_classes = null).
 
         Returns the velocity (N, out_channels, H, W) and a list with one (N, T, z_dim) tensor per projector
-        (empty when `self.project` is False). REG models (built with cls_token_dim) take the noisy class token cls_token (N, cls_token_dim), run it
-        as sequence position 0 and return (velocity, zs, class-token velocity (N, cls_token_dim)); their zs
-        hold 1 + T tokens, the class token first, as REG aligns [class token; patch tokens].
+        (empty when `self.project` is False). REG models (built with cls_token_dim) take the noisy class
+        token cls_token (N, cls_token_dim), run it as sequence position 0 and return (velocity, zs,
+        class-token velocity (N, cls_token_dim)); their zs hold 1 + T tokens, the class token first, as REG
+        aligns [class token; patch tokens].
         """
         self._check_input(x, t, y, cls_token)
         x = self.x_embedder(x)  # (N, T, D)
