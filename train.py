@@ -419,7 +419,11 @@ class TrainStep:
 
 
 def train(cfg: TrainConfig):
+    launched_world = int(os.environ.get("WORLD_SIZE", 1))
     accelerator = Accelerator(
+        # Without CUDA, accelerate joins torchrun's processes only when told the run is on the CPU (gloo);
+        # otherwise each process would train alone on the full batch, all writing the same run folder.
+        cpu=launched_world > 1 and not torch.cuda.is_available(),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
@@ -427,6 +431,11 @@ def train(cfg: TrainConfig):
     )
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
+    if launched_world > 1 and world != launched_world:
+        raise RuntimeError(
+            f"the launcher started {launched_world} processes (WORLD_SIZE) but accelerate joined {world}; each "
+            "would train alone. Launch with `accelerate launch` or `torchrun` on a supported backend."
+        )
 
     def log(message):
         if is_main:

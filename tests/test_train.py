@@ -87,7 +87,7 @@ def test_nonfinite_loss_is_skipped_then_stops(demo_data, tmp_path, monkeypatch):
         run_train(tiny_argv(demo_data, tmp_path, learning_rate=1e30, max_train_steps=50, max_nonfinite_steps=3))
 
 
-def test_two_processes_hold_identical_weights(demo_data, tmp_path):
+def test_two_processes_hold_identical_weights_and_resume_exactly(demo_data, tmp_path):
     script = tmp_path / "check_ranks.py"
     # Each rank saves its final weights; the ranks are compared once torchrun has finished.
     script.write_text(
@@ -100,15 +100,29 @@ def test_two_processes_hold_identical_weights(demo_data, tmp_path):
     )
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
-    cmd += tiny_argv(demo_data, tmp_path, max_train_steps=3)
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    # A rank's own traceback comes before torchrun's summary: keep every line that names an error.
-    errors = "\n".join(line for line in result.stderr.splitlines() if "Error" in line or "Traceback" in line)
-    assert result.returncode == 0, result.stdout[-2000:] + errors[-4000:] + result.stderr[-1500:]
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    assert torch.equal(rank0, rank1), "ranks diverged"
-    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "0000003.pt")
-    assert ckpt["data_position"] == 12  # 3 steps x global batch 4, split 2 + 2 over the ranks
+    cmd += tiny_argv(demo_data, tmp_path, max_train_steps=4, checkpointing_steps=2)
+
+    def torchrun(extra=()):
+        result = subprocess.run(cmd + list(extra), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        # A rank's own traceback comes before torchrun's summary: keep every line that names an error.
+        errors = "\n".join(line for line in result.stderr.splitlines() if "Error" in line or "Traceback" in line)
+        assert result.returncode == 0, result.stdout[-2000:] + errors[-4000:] + result.stderr[-1500:]
+        # One run of two processes, not two single-process runs sharing a folder (what accelerate gave on a
+        # CPU before train.py passed cpu=True: identical weights by identical seeds, a race on the checkpoint).
+        assert result.stdout.count("images per optimizer step on 2 process(es)") == 1, result.stdout[-2000:]
+        rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+        assert torch.equal(rank0, rank1), "ranks diverged"
+        return rank0
+
+    straight = torchrun()
+    final = load_checkpoint(tmp_path / "run" / "checkpoints" / "0000004.pt")
+    assert final["data_position"] == 16  # 4 steps x global batch 4, split 2 + 2 over the ranks
+    resumed = torchrun(["--resume-step", "2"])  # rewinds to step 2 and redoes steps 3-4 on both ranks
+    assert torch.equal(resumed, straight)
+    again = load_checkpoint(tmp_path / "run" / "checkpoints" / "0000004.pt")
+    for key in ("model", "ema"):
+        for name, tensor in final[key].items():
+            assert torch.equal(again[key][name], tensor), f"{key}.{name}"
 
 
 def test_dit_trains_with_the_diffusion_loss(demo_data, tmp_path):

@@ -331,6 +331,20 @@ def test_rank_one_draws_its_own_slice_from_its_own_seed(demo_data, tmp_path, rec
         assert torch.equal(call["rng"], step_generator(0, position, rank=1).get_state()), f"micro-step {k}"
 
 
+def test_a_launch_that_accelerate_does_not_join_is_refused(demo_data, tmp_path, monkeypatch):
+    # torchrun says 2 processes, accelerate joined none (what it did on a CPU unless told cpu=True): each
+    # process would train alone on the full batch and write the same run folder. train.py stops instead.
+    class Alone(train.Accelerator):
+        def __init__(self, *args, cpu=False, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(train, "Accelerator", Alone)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match=r"started 2 processes \(WORLD_SIZE\) but accelerate joined 1"):
+        run(tiny_argv(demo_data, tmp_path, max_train_steps=1))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def draws(calls):
     return [(c["rng"], c["x"], c["y"], c["t"], c["x_t"]) for c in calls]
 
