@@ -272,14 +272,12 @@ def compile_available(device) -> tuple[bool, str]:
 
 def compile_step(model, encoders, enabled: bool, device, cpu: bool = False):
     """torch.compile the SiT and the encoders' forward where it works (compile_available) and is asked for:
-    on a CPU only with `cpu` (--compile-cpu: measured no faster there, see README), else leave them eager
-    (with a warning where asked for but unavailable). Returns (model, [encode per encoder], compiled, a note)."""
+    on a CPU only with `cpu` (--compile-cpu: measured no faster there, see README), else leave them eager.
+    Returns (model, [encode per encoder], compiled, a note saying why not); the caller reports the note once."""
     available, note = compile_available(device)
     encode = [enc.encode for enc in encoders]
     if enabled and device.type == "cpu" and not cpu:
         return model, encode, False, "off on the CPU (--compile-cpu true to compile there)"
-    if enabled and not available:
-        warnings.warn(f"--compile: torch.compile is off ({note}); training runs eagerly", stacklevel=2)
     if not (enabled and available):
         return model, encode, False, note
     # Random ops inside compiled graphs (the model's label dropout) draw from the global generator as in

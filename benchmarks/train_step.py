@@ -132,7 +132,9 @@ def build_step(args):
     optimizer = make_optimizer(cfg, model.parameters(), device)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
-    model, encode, compiled, _ = compile_step(model, encoders, cfg.compile, device, cpu=cfg.compile_cpu)
+    model, encode, compiled, note = compile_step(model, encoders, cfg.compile, device, cpu=cfg.compile_cpu)
+    if cfg.compile and not compiled:
+        print(f"torch.compile: {note}; the step runs eagerly", file=sys.stderr)
     n = cfg.batch_size
     if args.target_cache and encoders:
         # What a target cache holds: each item's tokens in half precision, read instead of running the encoder.
