@@ -372,10 +372,13 @@ def extract_features(
 
 
 @torch.no_grad()
-def encoder_features(encoder, images: torch.Tensor) -> torch.Tensor:
-    """(N, D) float32 on the CPU: the encoder's REPA target tokens of the clean uint8 images, averaged over patches."""
+def encoder_features(encoder, images: torch.Tensor, class_token: bool = False):
+    """(N, D) float32 on the CPU: the encoder's REPA target tokens of the clean uint8 images, averaged over patches.
+    With `class_token`, also its (N, D) class tokens, which REG models denoise with the image: (feats, cls)."""
     device = next(encoder.parameters()).device
-    return encoder.encode(images.to(device)).float().mean(dim=1).cpu()
+    tokens = encoder.encode(images.to(device), class_token=class_token).float().cpu()
+    feats = tokens[:, int(class_token) :].mean(dim=1)
+    return (feats, tokens[:, 0]) if class_token else feats
 
 
 #################################################################################
@@ -425,8 +428,10 @@ def layer_metrics(model_feats: torch.Tensor, enc_feats: torch.Tensor, labels, sp
 
 def analyse_checkpoint(model, settings, path, items, enc_feats, split, args) -> dict:
     """Every metric of one checkpoint (its model and settings from sample_ddp.load_model) at every t and layer."""
-    indices, _, x, labels = items
+    indices, _, x, labels, cls_tokens = items
     model = model.to(args.device)
+    if getattr(model, "cls_token_dim", None) and cls_tokens is None:
+        raise ValueError(f"{path} is a REG model, but the encoder has no class token to give it")
     layers = sorted(set(args.layers)) if args.layers else list(range(1, len(model.blocks) + 1))
     result = {
         "path": str(path),
@@ -443,7 +448,10 @@ def analyse_checkpoint(model, settings, path, items, enc_feats, split, args) -> 
         for start in tqdm(range(0, len(indices), args.batch_size), desc=f"{Path(path).name} t={t}", dynamic_ncols=True):
             batch = slice(start, start + args.batch_size)
             batch_labels = labels[batch] if args.labels == "true" else None
-            feats = extract_features(model, settings, x[batch], batch_labels, layers, t, args.seed, indices[batch])
+            reg = {"cls_token": cls_tokens[batch]} if getattr(model, "cls_token_dim", None) else {}
+            feats = extract_features(
+                model, settings, x[batch], batch_labels, layers, t, args.seed, indices[batch], **reg
+            )
             for layer in layers:
                 parts[layer].append(feats[layer])
         per_layer = [layer_metrics(torch.cat(parts[layer]), enc_feats, labels, split, args) for layer in layers]
@@ -551,12 +559,14 @@ def main(argv=None):
     items = load_items(args.data_dir, pixel_space, args.num_images, args.seed, args.batch_size, args.num_workers)
     indices, images, _, labels = items
     encoder = load_encoders(enc_type, args.device, enc_resolution, args.enc_ckpt, args.enc_weights)[0]
-    enc_feats = torch.cat(
-        [
-            encoder_features(encoder, images[start : start + args.batch_size])
-            for start in tqdm(range(0, len(images), args.batch_size), desc=enc_type, dynamic_ncols=True)
-        ]
-    ).to(args.device)
+    # REG checkpoints denoise the encoder's class token with the image: keep it where the encoder has one.
+    with_cls = encoder.has_class_token
+    parts = [
+        encoder_features(encoder, images[start : start + args.batch_size], class_token=with_cls)
+        for start in tqdm(range(0, len(images), args.batch_size), desc=enc_type, dynamic_ncols=True)
+    ]
+    enc_feats = torch.cat([p[0] if with_cls else p for p in parts]).to(args.device)
+    items = (*items, torch.cat([p[1] for p in parts]) if with_cls else None)
     del encoder
     # Huh et al. clamp both sides before the alignment metrics (not before the probe), when asked.
     enc_compared = clamp_outliers(enc_feats, args.outlier_quantile) if args.outlier_quantile else enc_feats

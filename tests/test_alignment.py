@@ -283,10 +283,11 @@ def demo_data(tmp_path_factory):
     return out
 
 
-def tiny_run_checkpoint(path, step, seed):
-    """A checkpoint as train.py writes it (pixel space, 32 px, SiT-S/8 with 3 blocks), random weights."""
+def tiny_run_checkpoint(path, step, seed, **reg):
+    """A checkpoint as train.py writes it (pixel space, 32 px, SiT-S/8 with 3 blocks), random weights.
+    reg: cls_token_dim=D for a REG model."""
     kwargs = dict(depth=3, hidden_size=32, num_heads=2, input_size=32, in_channels=3, num_classes=4)
-    kwargs |= dict(class_dropout_prob=0.1, z_dims=[384], encoder_depth=2, projector_dim=32)
+    kwargs |= dict(class_dropout_prob=0.1, z_dims=[384], encoder_depth=2, projector_dim=32, **reg)
     torch.manual_seed(seed)
     model = SiT_models["SiT-S/8"](**kwargs)
     with torch.no_grad():
@@ -326,3 +327,33 @@ def test_cli_writes_results_and_plots(demo_data, tmp_path):
     assert report["checkpoints"][0]["by_t"]["0.25"] != report["checkpoints"][1]["by_t"]["0.25"]
     for plot in ("alignment_vs_layer.png", "alignment_vs_step.png"):
         assert (out / plot).stat().st_size > 0
+
+
+def test_cli_gives_reg_checkpoints_the_encoders_class_tokens(demo_data, tmp_path, monkeypatch):
+    # A REG model denoises the encoder's class token with the image: the CLI passes the class tokens of the
+    # same clean images (the encoder's normalised token 0) beside their patch-token features.
+    ckpt = tmp_path / "0000100.pt"
+    tiny_run_checkpoint(ckpt, 100, seed=3, cls_token_dim=384)
+    encoded, passed = [], []
+    original_encoder_features, original_extract = alignment.encoder_features, alignment.extract_features
+
+    def spy_encoder_features(encoder, images, class_token=False):
+        tokens = encoder.encode(images, class_token=True).float()
+        result = original_encoder_features(encoder, images, class_token)
+        torch.testing.assert_close(result[0], tokens[:, 1:].mean(1))  # the patches alone, pooled
+        encoded.append(result[1])
+        return result
+
+    def spy_extract(*args, **kwargs):
+        passed.append(kwargs["cls_token"])
+        return original_extract(*args, **kwargs)
+
+    monkeypatch.setattr(alignment, "encoder_features", spy_encoder_features)
+    monkeypatch.setattr(alignment, "extract_features", spy_extract)
+    argv = ["--ckpt", str(ckpt), "--data-dir", str(demo_data), "--enc-weights", "random", "--out", str(tmp_path / "a")]
+    argv += ["--num-images", "12", "--topk", "3", "--batch-size", "8", "--num-workers", "0", "--t", "0.5"]
+    with pytest.warns(UserWarning, match="RANDOM ENCODER WEIGHTS"):
+        alignment.main(argv)
+    assert torch.equal(torch.cat(passed), torch.cat(encoded)) and torch.cat(passed).shape == (12, 384)
+    report = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert len(report["checkpoints"][0]["by_t"]["0.5"]["cknna"]) == 3
