@@ -200,7 +200,7 @@ def encoder_probe_accuracy(encoder, images, labels) -> float:
 
 def train_nets(
     out: Path, resolution: int, grid: int, encoder_epochs: int, evaluator_epochs: int, per_class: int = 1000,
-    evaluator_per_class: int = 300, encoder_width: int = 128, encoder_depth: int = 4, heldout_per_class: int = 100,
+    evaluator_per_class: int = 1000, encoder_width: int = 128, encoder_depth: int = 4, heldout_per_class: int = 100,
 ) -> dict:  # fmt: skip
     """encoder.pt and evaluator.pt in `out` (each trained unless already there) and nets.json: how they were
     made and their accuracy on the held-out set (measured every time). Returns that record."""
@@ -326,9 +326,9 @@ def main(argv=None):
     t.add_argument("--resolution", type=int, default=16)
     t.add_argument("--grid", type=int, default=4, help="token grid of the encoder (= the SiT's)")
     t.add_argument("--per-class", type=int, default=1000, help="training images per class of the encoder")
-    t.add_argument("--evaluator-per-class", type=int, default=300, help="training images per class of the evaluator")
+    t.add_argument("--evaluator-per-class", type=int, default=1000, help="training images per class of the evaluator")
     t.add_argument("--encoder-epochs", type=int, default=24)
-    t.add_argument("--evaluator-epochs", type=int, default=6)
+    t.add_argument("--evaluator-epochs", type=int, default=20)
     e = sub.add_parser("evaluate", help="sample a checkpoint and print the evaluator's verdict")
     e.add_argument("--ckpt", required=True)
     e.add_argument("--nets", default="analysis/demo_nets", help="folder of nets.json, evaluator.pt")

@@ -330,7 +330,7 @@ def main(argv=None):
     p.add_argument("--sample-seed", type=int, default=7)
     p.add_argument("--cknna-t", type=float, default=0.5)
     p.add_argument("--encoder-epochs", type=int, default=24)
-    p.add_argument("--evaluator-epochs", type=int, default=6)
+    p.add_argument("--evaluator-epochs", type=int, default=20)
     p.add_argument(
         "--nets",
         default=None,
