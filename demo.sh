@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The demo: the main job end to end on a fresh machine, no downloads; 6 minutes on 2 CPU cores once .venv exists.
+# The demo: the main job end to end on a fresh machine, no downloads; 7 minutes on 2 CPU cores
+# from a fresh clone, .venv install included.
 # Sets up .venv, generates the embedded demo set (10 classes of shapes and textures, 16 px), trains a small
 # SiT with REPA on it in pixel space, aligned to a ViT trained on this domain (analysis/demo_nets/), then
 # samples the final EMA model and prints how many samples an independent evaluator classifies as their
