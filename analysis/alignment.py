@@ -426,11 +426,13 @@ def layer_metrics(model_feats: torch.Tensor, enc_feats: torch.Tensor, labels, sp
     }
 
 
-def analyse_checkpoint(model, settings, path, items, enc_feats, split, args) -> dict:
-    """Every metric of one checkpoint (its model and settings from sample_ddp.load_model) at every t and layer."""
-    indices, _, x, labels, cls_tokens = items
+def analyse_checkpoint(model, settings, path, items, enc_feats, split, args, cls_tokens=None) -> dict:
+    """Every metric of one checkpoint (its model and settings from sample_ddp.load_model) at every t and layer.
+    cls_tokens: the encoder's (N, D) class tokens of the items, which REG models denoise with the image."""
+    indices, _, x, labels = items
     model = model.to(args.device)
-    if getattr(model, "cls_token_dim", None) and cls_tokens is None:
+    is_reg = bool(getattr(model, "cls_token_dim", None))
+    if is_reg and cls_tokens is None:
         raise ValueError(f"{path} is a REG model, but the encoder has no class token to give it")
     layers = sorted(set(args.layers)) if args.layers else list(range(1, len(model.blocks) + 1))
     result = {
@@ -448,7 +450,7 @@ def analyse_checkpoint(model, settings, path, items, enc_feats, split, args) -> 
         for start in tqdm(range(0, len(indices), args.batch_size), desc=f"{Path(path).name} t={t}", dynamic_ncols=True):
             batch = slice(start, start + args.batch_size)
             batch_labels = labels[batch] if args.labels == "true" else None
-            reg = {"cls_token": cls_tokens[batch]} if getattr(model, "cls_token_dim", None) else {}
+            reg = {"cls_token": cls_tokens[batch]} if is_reg else {}
             feats = extract_features(
                 model, settings, x[batch], batch_labels, layers, t, args.seed, indices[batch], **reg
             )
@@ -566,7 +568,7 @@ def main(argv=None):
         for start in tqdm(range(0, len(images), args.batch_size), desc=enc_type, dynamic_ncols=True)
     ]
     enc_feats = torch.cat([p[0] if with_cls else p for p in parts]).to(args.device)
-    items = (*items, torch.cat([p[1] for p in parts]) if with_cls else None)
+    cls_tokens = torch.cat([p[1] for p in parts]) if with_cls else None
     del encoder
     # Huh et al. clamp both sides before the alignment metrics (not before the probe), when asked.
     enc_compared = clamp_outliers(enc_feats, args.outlier_quantile) if args.outlier_quantile else enc_feats
@@ -610,7 +612,9 @@ def main(argv=None):
         first = None  # one model in memory at a time
         if bool(settings.get("pixel_space", False)) != pixel_space:
             raise ValueError(f"{path} and {paths[0]} differ in pixel_space: analyse them separately")
-        report["checkpoints"].append(analyse_checkpoint(model, settings, path, items, enc_compared, split, args))
+        report["checkpoints"].append(
+            analyse_checkpoint(model, settings, path, items, enc_compared, split, args, cls_tokens)
+        )
         del model
     report["checkpoints"].sort(key=lambda c: -1 if c["step"] is None else c["step"])
     (out / "results.json").write_text(json.dumps(report, indent=1))

@@ -365,8 +365,10 @@ def main(argv=None):
     real_feats, _ = evaluator_outputs(evaluator, real_a)
     floor = fd(real_feats, evaluator_outputs(evaluator, real_b)[0])
     (enc,) = load_encoders(f"timm:{ENCODER_NAME}", "cpu", 16 * args.grid, ckpt_path=encoder_path)
-    enc_feats = encoder_features(enc, real_a)
-    enc_cls = enc.encode(real_a, class_token=True)[:, 0].float() if "reg" in args.methods else None  # REG's input
+    if "reg" in args.methods:  # REG's models also take the encoder's class tokens: one encoder pass gives both
+        enc_feats, enc_cls = encoder_features(enc, real_a, class_token=True)
+    else:
+        enc_feats, enc_cls = encoder_features(enc, real_a), None
     print(f"real vs real FD floor ({args.num_samples} vs {args.num_samples}): {floor:.3f}", flush=True)
 
     results = {"settings": vars(args), "networks": record, "real_vs_real_fd": floor}
