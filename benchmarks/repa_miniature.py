@@ -166,10 +166,16 @@ def evaluate_run(run_dir: Path, evaluator, real_feats, heldout_images, enc_feats
     return rows
 
 
+# The metrics that steps_to_reach compares, and whether a higher value is better.
+HIGHER_IS_BETTER = {"fd": False, "label_accuracy": True}
+
+
 def steps_to_reach(rows: list[dict], target: float, key: str = "fd") -> float | None:
     """First step at which rows[key] reaches target (FD: <=, label accuracy: >=), linearly interpolated
     between evaluations; None if never."""
-    sign = -1.0 if key == "label_accuracy" else 1.0  # higher is better for the accuracy
+    if key not in HIGHER_IS_BETTER:
+        raise ValueError(f"steps_to_reach: no direction known for {key!r}; add it to HIGHER_IS_BETTER")
+    sign = -1.0 if HIGHER_IS_BETTER[key] else 1.0
     for prev, row in zip([None] + rows[:-1], rows):
         if sign * row[key] <= sign * target:
             if prev is None:

@@ -51,6 +51,21 @@ def test_each_method_is_its_papers_switches_on_the_same_config():
         assert differ <= own, differ - own
 
 
+def test_steps_to_reach_interpolates_in_each_metrics_direction():
+    rows = [
+        {"step": 100, "fd": 50.0, "label_accuracy": 0.2},
+        {"step": 200, "fd": 30.0, "label_accuracy": 0.4},
+        {"step": 300, "fd": 20.0, "label_accuracy": 0.6},
+    ]
+    assert repa_miniature.steps_to_reach(rows, 40.0, "fd") == 150.0  # halfway from 50 down to 30
+    assert repa_miniature.steps_to_reach(rows, 0.5, "label_accuracy") == 250.0  # halfway from 0.4 up to 0.6
+    assert repa_miniature.steps_to_reach(rows, 60.0, "fd") == 100.0  # reached at the first evaluation
+    assert repa_miniature.steps_to_reach(rows, 10.0, "fd") is None
+    assert repa_miniature.steps_to_reach(rows, 0.7, "label_accuracy") is None
+    with pytest.raises(ValueError, match="cknna"):
+        repa_miniature.steps_to_reach(rows, 0.5, "cknna")
+
+
 def test_the_queue_runs_every_seed_and_method_jobs_at_a_time_and_stops_at_a_failure(tmp_path, monkeypatch):
     """train_runs with a stand-in for train.py (a Python one-liner that records when it ran)."""
     script = "import sys, time, pathlib; p = pathlib.Path(sys.argv[1]); p.write_text(str(time.time())); time.sleep(0.3); sys.exit(int(sys.argv[2]))"  # fmt: skip
