@@ -40,6 +40,10 @@ from preprocessing.make_demo_data import CLASS_NAMES, make_demo_data
 # data/demo uses seed 0, a fifth set), `encoder` what the REPA target trains on, `evaluator` what the
 # evaluator trains on, `heldout` the real images that only evaluation sees.
 SPLIT_SEEDS = {"diffusion": 101, "encoder": 102, "evaluator": 103, "heldout": 104}
+# The recipe of the committed analysis/demo_nets (nets.json): training images per class and epochs of each net;
+# the defaults of `train` here and of benchmarks/repa_miniature.py.
+TRAIN_PER_CLASS = 1000
+ENCODER_EPOCHS, EVALUATOR_EPOCHS = 24, 20
 ENCODER_NAME = "vit_tiny_patch16_224"  # a timm ViT, narrowed by ENCODER_WIDTH / ENCODER_DEPTH
 ENCODER_MEAN, ENCODER_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -199,8 +203,9 @@ def encoder_probe_accuracy(encoder, images, labels) -> float:
 
 
 def train_nets(
-    out: Path, resolution: int, grid: int, encoder_epochs: int, evaluator_epochs: int, per_class: int = 1000,
-    evaluator_per_class: int = 1000, encoder_width: int = 128, encoder_depth: int = 4, heldout_per_class: int = 100,
+    out: Path, resolution: int, grid: int, encoder_epochs: int, evaluator_epochs: int,
+    per_class: int = TRAIN_PER_CLASS, evaluator_per_class: int = TRAIN_PER_CLASS, encoder_width: int = 128,
+    encoder_depth: int = 4, heldout_per_class: int = 100,
 ) -> dict:  # fmt: skip
     """encoder.pt and evaluator.pt in `out` (each trained unless already there) and nets.json: how they were
     made and their accuracy on the held-out set (measured every time). Returns that record."""
@@ -325,10 +330,12 @@ def main(argv=None):
     t.add_argument("--out", default="analysis/demo_nets")
     t.add_argument("--resolution", type=int, default=16)
     t.add_argument("--grid", type=int, default=4, help="token grid of the encoder (= the SiT's)")
-    t.add_argument("--per-class", type=int, default=1000, help="training images per class of the encoder")
-    t.add_argument("--evaluator-per-class", type=int, default=1000, help="training images per class of the evaluator")
-    t.add_argument("--encoder-epochs", type=int, default=24)
-    t.add_argument("--evaluator-epochs", type=int, default=20)
+    t.add_argument("--per-class", type=int, default=TRAIN_PER_CLASS, help="training images per class of the encoder")
+    t.add_argument(
+        "--evaluator-per-class", type=int, default=TRAIN_PER_CLASS, help="training images per class of the evaluator"
+    )
+    t.add_argument("--encoder-epochs", type=int, default=ENCODER_EPOCHS)
+    t.add_argument("--evaluator-epochs", type=int, default=EVALUATOR_EPOCHS)
     e = sub.add_parser("evaluate", help="sample a checkpoint and print the evaluator's verdict")
     e.add_argument("--ckpt", required=True)
     e.add_argument("--nets", default="analysis/demo_nets", help="folder of nets.json, evaluator.pt")

@@ -49,7 +49,9 @@ sys.path.insert(0, str(ROOT))
 
 from analysis.alignment import cknna, encoder_features, extract_features  # noqa: E402
 from analysis.demo_domain import (  # noqa: E402
+    ENCODER_EPOCHS,
     ENCODER_NAME,
+    EVALUATOR_EPOCHS,
     evaluator_outputs,
     fd,
     generate,
@@ -335,8 +337,8 @@ def main(argv=None):
     p.add_argument("--sample-steps", type=int, default=15, help="Heun ODE steps of the evaluation samples")
     p.add_argument("--sample-seed", type=int, default=7)
     p.add_argument("--cknna-t", type=float, default=0.5)
-    p.add_argument("--encoder-epochs", type=int, default=24)
-    p.add_argument("--evaluator-epochs", type=int, default=20)
+    p.add_argument("--encoder-epochs", type=int, default=ENCODER_EPOCHS)
+    p.add_argument("--evaluator-epochs", type=int, default=EVALUATOR_EPOCHS)
     p.add_argument(
         "--nets",
         default=None,
