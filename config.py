@@ -156,6 +156,21 @@ class TrainConfig:
                 f"config keys 'target_cache' ({self.target_cache}) and 'cache_targets': choose one; the on-disk "
                 "cache already holds every item's tokens"
             )
+        # The on-disk cache (dataset_tools.py encode-targets) holds each encoder's patch tokens only: no class
+        # token (REG) and no attention maps (HASTE). Served from it, REG would take a patch token for the class
+        # token and HASTE would log an attention loss of 0: refused rather than trained as another experiment.
+        if self.target_cache and self.cls > 0:
+            raise ValueError(
+                f"config keys 'target_cache' ({self.target_cache}) and 'cls' ({self.cls}): REG needs the encoder's "
+                "class token, which the on-disk target cache does not store; drop --target-cache (the encoder then "
+                "runs each step) or use --cache-targets"
+            )
+        if self.target_cache and self.attn_coeff > 0:
+            raise ValueError(
+                f"config keys 'target_cache' ({self.target_cache}) and 'attn_coeff' ({self.attn_coeff}): HASTE "
+                "aligns the encoder's attention maps, which the on-disk target cache does not store; drop "
+                "--target-cache (the encoder then runs each step until --early-stop-point)"
+            )
         if self.cls < 0:
             raise ValueError(f"config key 'cls' (--cls): {self.cls} must be >= 0")
         if self.cls > 0 and not self.encoder_names:

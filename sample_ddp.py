@@ -55,7 +55,7 @@ from checkpoints import load_checkpoint, model_state_dict
 from config import parse_bool
 from dataset import CaptionedDataset, caption_choice, load_npy
 from diffusion import ddim_sampler, ddpm_sampler
-from evaluations.evaluate import describe_protocol
+from evaluations.evaluate import check_pipelines, describe_protocol
 from evaluations.evaluate import main as evaluate_main
 from models import MODELS, T2I_MODELS
 from models.dit import DiT, DiT_models
@@ -590,11 +590,20 @@ def build_parser():
     p.add_argument("--fused-attn", type=parse_bool, nargs="?", const=True, default=True, help="SDPA attention")
     p.add_argument("--ref-batch", default=None, help="evaluate against this ADM reference batch at the end")
     p.add_argument("--inception-weights", default=None, help="local Inception weights for --ref-batch")
+    p.add_argument(
+        "--allow-pipeline-mix",
+        action="store_true",
+        help="--ref-batch may hold pytorch-fid statistics (mu, sigma only, e.g. U-ViT's); recorded as a mixed pipeline",
+    )
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.ref_batch:  # refused now, not after hours of sampling
+        if not Path(args.ref_batch).is_file():
+            raise FileNotFoundError(f"--ref-batch {args.ref_batch}: no such file")
+        check_pipelines(Path(args.ref_batch), Path(args.ref_batch), args.allow_pipeline_mix)
     distributed = "WORLD_SIZE" in os.environ
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -734,6 +743,8 @@ def main(argv=None):
             eval_argv = [args.ref_batch, str(npz_path), "--json", str(npz_path.with_suffix(".metrics.json"))]
             if args.inception_weights:
                 eval_argv += ["--inception-weights", args.inception_weights]
+            if args.allow_pipeline_mix:
+                eval_argv.append("--allow-pipeline-mix")
             summary["metrics"] = evaluate_main(eval_argv)
             npz_path.with_suffix(".json").write_text(json.dumps(summary, indent=2, default=str))
     if distributed:

@@ -5,7 +5,9 @@
 Both files are ADM batches: `arr_0` holds uint8 NHWC images; a reference batch may also (or instead)
 hold precomputed `mu`, `sigma` (pool_3) and `mu_s`, `sigma_s` (sFID) statistics, which then take
 precedence over statistics computed from its images, as in ADM's evaluator. Precision and recall need
-the reference images. Prints ADM's metric lines (Inception Score, FID, sFID, Precision, Recall) and,
+the reference images. A file with `mu`, `sigma` only (pytorch-fid's format, e.g. U-ViT's
+fid_stats_mscoco256_val.npz) comes from another Inception pipeline: refused unless --allow-pipeline-mix,
+and the result's "pipeline" says which pipeline produced the number. Prints ADM's metric lines (Inception Score, FID, sFID, Precision, Recall) and,
 with --json, writes them with the settings that produced them.
 
 Reference activations are expensive (10K images through Inception), so they are cached next to the
@@ -174,6 +176,48 @@ def precomputed_statistics(path: Path) -> dict[str, np.ndarray]:
     return found
 
 
+# Which Inception pipeline made a file's stored statistics. ADM's evaluator stores FID and sFID Gaussians
+# together (mu, sigma, mu_s, sigma_s); pytorch-fid (and U-ViT's fid_stats_*.npz, made with it) store `mu`,
+# `sigma` only, from its own port of the Inception network with its own resizing. FIDs of one pipeline's
+# samples against the other's statistics belong to neither, so such a mix is refused unless asked for.
+ADM_PIPELINE = "adm"
+MIXED_PIPELINE_FLAG = "--allow-pipeline-mix"
+
+
+def statistics_pipeline(path: Path) -> str | None:
+    """'pytorch-fid' if `path` stores FID statistics without sFID ones (pytorch-fid/U-ViT's files), 'adm' if it
+    stores ADM's four, None if it stores none (its images are then run through this evaluator's network)."""
+    stats = precomputed_statistics(path)
+    if "mu" not in stats:
+        return None
+    return ADM_PIPELINE if "mu_s" in stats else "pytorch-fid"
+
+
+def check_pipelines(ref_path: Path, sample_path: Path, allow_mix: bool) -> str:
+    """The pipeline the FID comes from: 'adm', or a description of the mix (only with `allow_mix`)."""
+    foreign = [
+        (path, kind)
+        for path in (ref_path, sample_path)
+        if (kind := statistics_pipeline(path)) not in (None, ADM_PIPELINE)
+    ]
+    if not foreign:
+        return ADM_PIPELINE
+    path, kind = foreign[0]
+    mix = (
+        f"mixed: {path} holds {kind} statistics (mu, sigma only: another Inception port and resize) compared with "
+        "ADM-Inception statistics; comparable to neither pipeline's published numbers"
+    )
+    if not allow_mix:
+        raise ValueError(
+            f"{path} holds only 'mu' and 'sigma', the statistics of pytorch-fid (e.g. U-ViT's fid_stats_*.npz), whose "
+            "Inception network and resizing differ from ADM's, which computes the other side here. Compare against "
+            "an ADM reference batch of images instead (e.g. `dataset_tools.py coco-reference` for COCO), or pass "
+            f"{MIXED_PIPELINE_FLAG} to accept a number of the mixed pipeline, recorded as such"
+        )
+    warnings.warn(f"FID of a mixed pipeline ({MIXED_PIPELINE_FLAG}): {mix}", stacklevel=3)
+    return mix
+
+
 def _statistics(path: Path, summary: dict[str, np.ndarray] | None) -> tuple[dict, str]:
     # ADM's rule: statistics stored in the file win over those of its images (`summary`, None if none).
     stats = precomputed_statistics(path)
@@ -275,6 +319,7 @@ def evaluate(
     batch_size: int = 100,
     use_cache: bool = True,
     half_distances: bool = True,
+    allow_pipeline_mix: bool = False,
 ) -> dict:
     """Inception Score, FID, sFID, precision and recall of `sample_path` against `ref_path`, as ADM.
 
@@ -286,6 +331,7 @@ def evaluate(
         if not path.is_file():
             raise FileNotFoundError(f"no such batch file: {path}")
     device = model.fc.weight.device  # features and distance blocks live where Inception runs
+    pipeline = check_pipelines(ref_path, sample_path, allow_pipeline_mix)  # before any Inception pass
 
     ref = reference_summary(model, ref_path, batch_size, device, use_cache)
     ref_stats, ref_source = _statistics(ref_path, ref)
@@ -314,6 +360,7 @@ def evaluate(
         "num_reference_images": None if ref is None else len(ref["pool"]),
         "ref_batch": str(ref_path),
         "sample_batch": str(sample_path),
+        "pipeline": pipeline,
         "reference_statistics": ref_source,
         "sample_statistics": sample_source,
         "inception_weights": getattr(model, "weights_path", None),
@@ -359,6 +406,8 @@ def format_metrics(results: dict) -> str:
     for label, key in (("Precision", "precision"), ("Recall", "recall")):
         value = results[key]
         lines.append(f"{label}: {value if value is not None else 'n/a (reference batch has no arr_0 images)'}")
+    if results.get("pipeline", ADM_PIPELINE) != ADM_PIPELINE:
+        lines.append(f"Pipeline: {results['pipeline']}")
     protocol = results.get("sampling_protocol")
     lines.append(
         f"Sampling protocol: {describe_protocol(protocol)}"
@@ -387,6 +436,12 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="exact float32 distances for precision/recall instead of ADM's float16 ones",
     )
+    parser.add_argument(
+        MIXED_PIPELINE_FLAG,
+        action="store_true",
+        help="accept FID-only (mu, sigma) statistics of pytorch-fid / U-ViT against ADM-Inception ones; the result "
+        "is recorded as a mixed pipeline",
+    )
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -405,6 +460,7 @@ def main(argv: list[str] | None = None) -> dict:
         batch_size=args.batch_size,
         use_cache=not args.no_ref_cache,
         half_distances=not args.float32_distances,
+        allow_pipeline_mix=args.allow_pipeline_mix,
     )
     print(format_metrics(results))
     # The JSON keeps the settings next to the numbers, so a result can be traced to its weights and inputs.

@@ -113,3 +113,16 @@ def test_every_config_parses_and_builds_on_meta(path):
 def test_bad_counts_fail_when_parsing_not_mid_run(flag, value, message):
     with pytest.raises(ValueError, match=message):
         parse_config([flag, value])
+
+
+@pytest.mark.parametrize(
+    "variant, setting",
+    [(["--cls", "0.03"], "'cls'"), (["--attn-coeff", "0.5"], "'attn_coeff'")],
+    ids=["REG", "HASTE"],
+)
+def test_variants_the_disk_target_cache_cannot_serve_are_refused(variant, setting):
+    # The disk cache stores patch tokens only: REG would take a patch token for the class token, HASTE would log
+    # an attention loss of 0. Either is another experiment than the one asked for, so the config refuses it.
+    with pytest.raises(ValueError, match=rf"'target_cache' \(cache/\) and {setting}.*drop --target-cache"):
+        parse_config(["--target-cache", "cache/", *variant])
+    parse_config(variant)  # each alone is fine

@@ -478,3 +478,32 @@ def test_cli_without_weights_exits_with_a_clear_error(tmp_path):
     result = subprocess.run(command + ["--no-download"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode != 0
     assert WEIGHTS_FILENAME in result.stderr and "--inception-weights PATH" in result.stderr
+
+
+def test_pytorch_fid_statistics_are_refused_unless_the_mix_is_asked_for(batches, inception, monkeypatch, tmp_path):
+    # U-ViT's / pytorch-fid's statistics (mu, sigma only) come from another Inception port than the ADM one that
+    # computes the samples' side: a FID across the two belongs to neither pipeline.
+    folder, features = batches
+    mu, sigma = feature_statistics(features["ref"].pool.numpy())
+    np.savez(tmp_path / "fid_stats.npz", mu=mu, sigma=sigma)
+    monkeypatch.setattr(evaluate_cli, "frechet_distance", lambda *stats: 1.0)
+    with pytest.raises(
+        ValueError, match=re.escape(f"{tmp_path / 'fid_stats.npz'} holds only 'mu' and 'sigma'")
+    ) as info:
+        evaluate_cli.evaluate(tmp_path / "fid_stats.npz", folder / "samples.npz", inception)
+    assert "--allow-pipeline-mix" in str(info.value) and "coco-reference" in str(info.value)
+    with pytest.warns(UserWarning, match="mixed pipeline"):
+        mixed = evaluate_cli.evaluate(
+            tmp_path / "fid_stats.npz", folder / "samples.npz", inception, allow_pipeline_mix=True
+        )
+    assert mixed["pipeline"].startswith("mixed: ") and "Pipeline: mixed" in evaluate_cli.format_metrics(mixed)
+    assert evaluate_cli.statistics_pipeline(folder / "ref.npz") is None  # images: computed here, ADM's pipeline
+    results = evaluate_cli.evaluate(folder / "ref.npz", folder / "samples.npz", inception, use_cache=False)
+    assert results["pipeline"] == "adm" and "Pipeline" not in evaluate_cli.format_metrics(results)
+    # The CLI: refused before any Inception pass, with the file named; the flag passes it through.
+    argv = [str(tmp_path / "fid_stats.npz"), str(folder / "samples.npz"), "--inception-weights", "unused.pth"]
+    monkeypatch.setattr(evaluate_cli, "load_inception", lambda *args, **kwargs: inception)
+    with pytest.raises(ValueError, match="fid_stats.npz holds only"):
+        evaluate_cli.main(argv)
+    with pytest.warns(UserWarning, match="mixed pipeline"):
+        assert evaluate_cli.main([*argv, "--allow-pipeline-mix"])["pipeline"].startswith("mixed")

@@ -150,6 +150,13 @@ def test_ref_batch_is_evaluated_at_the_end(tmp_path, random_inception_weights):
     from evaluations.evaluate import format_metrics, sampling_protocol
 
     assert "Sampling protocol: sde 2 steps (NFE 2), no CFG, random labels" in format_metrics(summary["metrics"])
+    assert summary["metrics"]["pipeline"] == "adm"
+    # A pytorch-fid statistics file (mu, sigma only) is another Inception pipeline: refused before any sampling.
+    np.savez(tmp_path / "fid_stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    argv[argv.index(str(ref))] = str(tmp_path / "fid_stats.npz")
+    with pytest.raises(ValueError, match="fid_stats.npz holds only 'mu' and 'sigma'.*--allow-pipeline-mix"):
+        sample_ddp.main([*argv[:3], str(tmp_path / "never"), *argv[4:]])
+    assert not (tmp_path / "never").exists()
     os.utime(out.with_suffix(".npz"), ns=(0, 0))  # the batch was rewritten since: its protocol is unknown
     assert sampling_protocol(out.with_suffix(".npz")) is None
 
