@@ -10,20 +10,107 @@ import argparse
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
-# HASTE's attention pairing (SiT block:encoder block, 1-based) for its main run. Sources (HASTE's own train.py and
-# loss are not in any index searched; its README and train.sh are): NUS-HPC-AI-Lab/HASTE README.md + train.sh give
-# --attn-coeff 0.5, --proj-coeff 0.5, --encoder-depth 8, --early-stop-point 250000, DINOv2-B only. The pairing,
-# head matching and loss form are those of an independent port that says it follows HASTE's reference
-# (seruva19/takenoko, src/enhancements/haste/haste_helper.py + config_parser.py): SiT blocks 4..7 (0-based) against
-# encoder blocks 8..11 (offset 4), the first 12 heads (DINOv2-B's count) head h with head h, teacher logits
-# without the class token, softmax(teacher) x log_softmax(student) summed over keys, averaged over queries, heads,
-# batch and pairs. In 1-based blocks that is exactly this entry; not checked against HASTE's own code.
+# HASTE's attention pairing (SiT block:encoder block, 1-based) for its main run (NUS-HPC-AI-Lab/HASTE). Its README
+# and train.sh give --attn-coeff 0.5, --proj-coeff 0.5, --encoder-depth 8, --early-stop-point 250000, DINOv2-B.
+# Pairing and heads as HASTE's loss.py (quoted from it: `for i in range(4, 8)` against `zs[i + 4]`, heads
+# `[:, :12]`): 0-based SiT blocks 4..7 against encoder blocks 8..11, the first 12 SiT heads head h with head h.
+# Still unverified against HASTE's own code (not in the index searched here): the loss form, which follows an
+# independent port (seruva19/takenoko, src/enhancements/haste/): teacher logits without the class token,
+# softmax(teacher) x log_softmax(student) summed over keys, averaged over queries, heads, batch and pairs.
 HASTE_DEFAULT_ATTN_LAYERS = {("SiT-XL/2", "dinov2-vit-b"): "5:9,6:10,7:11,8:12"}
+
+
+@dataclass(frozen=True)
+class EvalRecipe:
+    """How a config's paper number is measured: sample_ddp.py's sampling flags (same names) plus the reference
+    batch and the figure itself. The defaults are REPA's protocol for SiT (Euler-Maruyama SDE, 250 steps, no
+    CFG, 50K samples with random labels from the EMA weights, `uint8(clamp(255 (x + 1) / 2))`, ADM's
+    VIRTUAL_imagenet256_labeled.npz); `FAMILY_RECIPES` changes what differs for DiT and MMDiT."""
+
+    mode: str = "sde"  # sde | ode (SiT, MMDiT); ddpm | ddim (DiT)
+    num_steps: int = 250
+    heun: bool = False  # --mode ode: Heun instead of Euler
+    cfg_scale: float = 1.0  # 1 = no guidance
+    guidance_low: float = 0.0  # guidance applies while t lies in [guidance_low, guidance_high]
+    guidance_high: float = 1.0
+    cls_cfg_scale: float = 1.0  # REG: guidance of the class token (1 = none)
+    num_fid_samples: int = 50_000  # 0: all the source gives (MMDiT on COCO val: 40,192, as generate_t2i.py)
+    labels: str = "random"  # random | balanced (class-conditional models)
+    use_ema: bool = True  # EMA or raw weights
+    quantization: str = "repa"  # repa | dit
+    reference: str = "VIRTUAL_imagenet256_labeled.npz"  # the reference batch the figure is measured against
+    paper: str = ""  # the figure this recipe reproduces, with its source ("" = none published)
+    at_step: int = 0  # the training step that figure is for (0 = the checkpoint's, whatever it is)
+
+    SAMPLING_KEYS = ("mode", "num_steps", "heun", "cfg_scale", "guidance_low", "guidance_high", "cls_cfg_scale")
+    SAMPLING_KEYS += ("num_fid_samples", "labels", "use_ema", "quantization")  # = sample_ddp.py's flags
+
+    def __post_init__(self):
+        choices = {"mode": ("sde", "ode", "ddpm", "ddim"), "labels": ("random", "balanced")}
+        choices["quantization"] = ("repa", "dit")
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"eval recipe key {key!r}: {getattr(self, key)!r} is not one of {allowed}")
+        if self.num_steps < 1 or self.num_fid_samples < 0 or self.at_step < 0:
+            raise ValueError(f"eval recipe: num_steps must be >= 1, num_fid_samples and at_step >= 0: {self}")
+        if not 0 <= self.guidance_low <= self.guidance_high <= 1:
+            raise ValueError(
+                f"eval recipe: the guidance interval [{self.guidance_low}, {self.guidance_high}] must lie in [0, 1]"
+            )
+        if self.heun and self.mode != "ode":
+            raise ValueError(f"eval recipe: heun applies to mode ode only, not {self.mode}")
+
+
+# What differs from REPA's SiT protocol per model family: DiT samples with DDPM (250 steps, as DiT and the REPA
+# paper's DiT rows); the MMDiT with the official generate_t2i.py's defaults: ODE (Euler) 50 steps, CFG 1.5,
+# the raw (not EMA) weights, 40,192 COCO val captions, FID against the val images (`coco-reference`).
+FAMILY_RECIPES = {
+    "sit": {},
+    "dit": {"mode": "ddpm"},
+    "mmdit": dict(
+        mode="ode", num_steps=50, cfg_scale=1.5, use_ema=False, num_fid_samples=0, reference="coco_val256.npz"
+    ),
+}
+
+
+def model_family(model: str) -> str:
+    """sit | dit | mmdit, from a model name such as SiT-XL/2, DiT-L/2, MMDiT-d24/2."""
+    return "mmdit" if model.startswith("MMDiT") else "dit" if model.startswith("DiT") else "sit"
+
+
+def eval_recipes(model: str, overrides: dict | None, source: str = "config") -> dict[str, EvalRecipe]:
+    """A config's `eval:` mapping (name -> keys that differ from the family's protocol) as recipes, in order;
+    a config without one has a single recipe, `default`: the family's protocol with no paper figure."""
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ValueError(f"{source}: 'eval' must map recipe names to settings, got {type(overrides).__name__}")
+    known = {f.name: f for f in fields(EvalRecipe)}
+    family = model_family(model)
+    base = FAMILY_RECIPES[family]
+    recipes = {}
+    for name, keys in (overrides or {"default": {}}).items():
+        if not isinstance(keys, dict):
+            raise ValueError(f"{source}: eval recipe {name!r} must be a mapping of settings, got {keys!r}")
+        for key, value in keys.items():
+            if key not in known:
+                raise KeyError(f"{source}: eval recipe {name!r}: unknown key {key!r}; known keys: {', '.join(known)}")
+            _coerce(f"eval.{name}.{key}", value, _field_type(known[key], EvalRecipe))
+        try:
+            recipe = recipes[str(name)] = EvalRecipe(**{**base, **keys})
+        except ValueError as err:
+            raise ValueError(f"{source}: eval recipe {name!r}: {err}") from err
+        modes = ("ddpm", "ddim") if family == "dit" else ("sde", "ode")
+        if recipe.mode not in modes:
+            raise ValueError(
+                f"{source}: eval recipe {name!r}: mode {recipe.mode} does not apply to {model}; use {modes}"
+            )
+        if recipe.num_fid_samples == 0 and family != "mmdit":
+            raise ValueError(f"{source}: eval recipe {name!r}: num_fid_samples 0 (all captions) applies to MMDiT only")
+    return recipes
 
 
 @dataclass
@@ -61,7 +148,7 @@ class TrainConfig:
     target_cache: str = ""  # folder of `dataset_tools.py encode-targets`: tokens read from disk, encoders not run
     # --- iREPA (Singh et al. 2025; defaults are REPA's, as in iREPA's own train.py) --------------------
     projection_layer_type: str = "mlp"  # mlp (REPA) | linear | conv (a conv over the token grid; iREPA: conv)
-    proj_kwargs_kernel_size: int = 1  # conv kernel, 1 | 3 | 5 | 7 (iREPA: 3)
+    proj_kwargs_kernel_size: int = 1  # conv kernel, 1 | 3 | 5 | 7 (iREPA LDM: 1, its JiT recipe: 3)
     spnorm_method: str = "none"  # none | zscore: spatial z-score of the encoder targets (iREPA: zscore)
     zscore_alpha: float = 0.6  # fraction of the spatial mean the z-score removes (iREPA's default)
     # --- REG (Wu et al. 2025): the encoder's class token is denoised with the image ---------------------
@@ -105,6 +192,10 @@ class TrainConfig:
     # ... and on a CPU (with a C++ compiler) too: off by default, since on this project's 2-core CPU the
     # compiled step measured no faster than the eager one (README, Speed) and compiling takes minutes.
     compile_cpu: bool = False
+    # --- evaluation (YAML only) ----------------------------------------------------------------------
+    # Named recipes, the first the default of sample_ddp.py: name -> EvalRecipe keys that differ from the
+    # model family's protocol, e.g. {"no-cfg": {"paper": "FID 5.9", "at_step": 4000000}}. Saved in checkpoints.
+    eval: dict = field(default_factory=dict)
 
     def __post_init__(self):
         choices = {
@@ -199,6 +290,12 @@ class TrainConfig:
             )
         if not 0 <= self.cfg_prob < 1:
             raise ValueError(f"config key 'cfg_prob': {self.cfg_prob} must lie in [0, 1)")
+        _ = self.recipes  # checks the `eval:` section now
+
+    @property
+    def recipes(self) -> dict[str, EvalRecipe]:
+        """The evaluation recipes, in order (the first is sample_ddp.py's default)."""
+        return eval_recipes(self.model, self.eval)
 
     @property
     def encoder_names(self) -> list[str]:
@@ -236,9 +333,9 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _field_type(f):
-    """The runtime type of a field (only bool/int/float/str are used)."""
-    hint = typing.get_type_hints(TrainConfig)[f.name]
+def _field_type(f, owner=None):
+    """The runtime type of a field (bool/int/float/str; dict for `eval`)."""
+    hint = typing.get_type_hints(owner or TrainConfig)[f.name]
     if isinstance(hint, types.UnionType):
         raise TypeError(f"config field {f.name} has a union type; keep fields simple")
     return hint
@@ -298,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         kind = _field_type(f)
         flag = "--" + f.name.replace("_", "-")
+        if kind is dict:  # the eval recipes: YAML only
+            continue
         if kind is bool:
             parser.add_argument(flag, type=parse_bool, nargs="?", const=True, default=None, metavar="BOOL")
         else:

@@ -1,8 +1,14 @@
 """Generate a sample batch for FID with one or many processes, and optionally evaluate it.
 
-    torchrun --nproc_per_node=8 sample_ddp.py --ckpt exps/run/checkpoints/4000000.pt \
-        --num-fid-samples 50000 --mode sde --num-steps 250 --cfg-scale 1.8 --guidance-high 0.7 \
-        [--ref-batch VIRTUAL_imagenet256_labeled.npz]
+    torchrun --nproc_per_node=8 sample_ddp.py --ckpt exps/run/checkpoints/4000000.pt [--recipe cfg] \
+        [--ref-batch DIR_OF_REFERENCE_BATCHES]
+
+Recipes: the config saved in the checkpoint names how its paper numbers are measured (its `eval:` section,
+config.EvalRecipe): sampler, steps, CFG scale and interval, class-token CFG, N, labels, EMA or raw weights,
+quantisation and reference batch. The first recipe is the default, `--recipe NAME` picks another, and every
+flag (--mode, --num-steps, --cfg-scale, ...) still overrides it. Checkpoints without recipes (official ones,
+older runs) sample with their model family's protocol (REPA's for SiT), or with `--recipes-from CONFIG.yaml`.
+The manifest and the summary record the recipe's name; `python -m evaluations.recipes` lists them all.
 
 Loads checkpoints of this project and of the official REPA code (EMA weights by default). The run's
 config saved in the checkpoint is the source of truth for everything that must match training: model
@@ -52,7 +58,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoints import load_checkpoint, model_state_dict
-from config import parse_bool
+from config import EvalRecipe, eval_recipes, load_yaml_config, model_family, parse_bool
 from dataset import CaptionedDataset, caption_choice, load_npy
 from diffusion import ddim_sampler, ddpm_sampler
 from evaluations.evaluate import check_pipelines, describe_protocol
@@ -147,9 +153,9 @@ def weights_digest(state_dict: dict) -> str:
     return digest.hexdigest()
 
 
-def load_model(ckpt_path, model_name=None, use_ema=True, encoder_depth=None):
-    """(model in eval mode, the run's settings plus `model` and `weights_sha256`)."""
-    ckpt = load_checkpoint(ckpt_path)
+def load_model(ckpt_path, model_name=None, use_ema=True, encoder_depth=None, ckpt=None):
+    """(model in eval mode, the run's settings plus `model` and `weights_sha256`); `ckpt`: already loaded."""
+    ckpt = load_checkpoint(ckpt_path) if ckpt is None else ckpt
     settings = checkpoint_settings(ckpt)
     state_dict = model_state_dict(ckpt, use_ema=use_ema, path=ckpt_path)
     if "joint_blocks.0.x_block.attn.qkv.weight" in state_dict:
@@ -416,14 +422,48 @@ class CaptionConditions:
 #                     The sample folder and its manifest                        #
 #################################################################################
 
+
 # Recorded in manifest.json for people; not compared (the weights digest identifies the model).
-INFORMATIONAL = ("checkpoint",)
+def checkpoint_recipes(args, ckpt, settings: dict) -> tuple[dict[str, EvalRecipe], str]:
+    """(recipes, where they come from): --recipes-from FILE.yaml, else the config saved in the checkpoint
+    (train.py saves its `eval:` section), else the model family's protocol alone (official checkpoints)."""
+    weights = ckpt.get("ema") or ckpt.get("model") or ckpt if isinstance(ckpt, dict) else {}
+    is_t2i = any(str(k).startswith("joint_blocks.") for k in weights)
+    model = "MMDiT" if is_t2i else args.model or settings.get("model") or "SiT"
+    if args.recipes_from:
+        config = load_yaml_config(args.recipes_from)
+        if model_family(config.model) != model_family(model):
+            raise ValueError(
+                f"--recipes-from {args.recipes_from} is a config for {config.model}, but {args.ckpt} holds a "
+                f"{model_family(model)} model: its recipes would sample another kind of model"
+            )
+        return config.recipes, str(args.recipes_from)
+    recorded = settings.get("eval") if "config" in (ckpt if isinstance(ckpt, dict) else {}) else None
+    return eval_recipes(model, recorded or None, source=f"{args.ckpt} (its config's eval recipes)"), str(args.ckpt)
+
+
+def apply_recipe(args, recipes: dict[str, EvalRecipe], source: str) -> EvalRecipe:
+    """Fill every sampling flag not given on the command line from the chosen recipe (the first by default)."""
+    name = args.recipe or next(iter(recipes))
+    if name not in recipes:
+        raise ValueError(f"--recipe {name}: {source} has the recipes {', '.join(recipes)}")
+    args.recipe, recipe = name, recipes[name]
+    for key in EvalRecipe.SAMPLING_KEYS:
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(recipe, key))
+    if args.ref_batch and Path(args.ref_batch).is_dir():  # a folder of reference batches: the recipe's file
+        args.ref_batch = str(Path(args.ref_batch) / recipe.reference)
+    return recipe
+
+
+INFORMATIONAL = ("checkpoint", "recipe")  # recorded, but not what decides the pixels
 
 
 def sampling_manifest(args, training: dict, settings: dict, num_classes: int) -> dict:
     """Everything that decides the pixels and labels of a sample folder."""
     return {
         "checkpoint": str(Path(args.ckpt).resolve()),
+        "recipe": args.recipe,
         "weights_sha256": settings["weights_sha256"],
         "use_ema": args.use_ema,
         "model": settings["model"],
@@ -545,11 +585,13 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint of this project or of the official code")
     p.add_argument("--model", default=None, help="e.g. SiT-XL/2 (default: from the checkpoint)")
-    p.add_argument("--use-ema", type=parse_bool, default=True)
+    p.add_argument("--recipe", default=None, help="evaluation recipe of the checkpoint's config (default: its first)")
+    p.add_argument("--recipes-from", default=None, help="a config YAML whose recipes apply (e.g. to official files)")
+    p.add_argument("--use-ema", type=parse_bool, default=None, help="default: the recipe's (EMA but for MMDiT)")
     p.add_argument("--encoder-depth", type=int, default=None, help="only to build the projectors of old files")
     p.add_argument("--sample-dir", default="samples")
     p.add_argument("--overwrite", action="store_true", help="delete samples made with other settings, start afresh")
-    p.add_argument("--num-fid-samples", type=positive_int, default=None, help="default: 50,000; COCO: 40,192")
+    p.add_argument("--num-fid-samples", type=positive_int, default=None, help="default: the recipe's (50,000)")
     p.add_argument("--batch-size", "--per-proc-batch-size", type=positive_int, default=64, help="images per batch")
     p.add_argument("--global-seed", type=int, default=0)
     p.add_argument(
@@ -561,18 +603,18 @@ def build_parser():
     p.add_argument("--text-encoder", default=None, help="--prompts: hub name or folder (default: the training data's)")
     p.add_argument("--text-encoder-weights", choices=("pretrained", "random"), default=None)
     p.add_argument("--num-steps", type=positive_int, default=None, help="default: 250; text-to-image: 50")
-    p.add_argument("--heun", action="store_true", help="Heun's method for --mode ode")
+    p.add_argument("--heun", action="store_true", default=None, help="Heun's method for --mode ode")
     p.add_argument("--ddim-eta", type=float, default=0.0, help="--mode ddim: 0 deterministic, 1 DDPM-like")
-    p.add_argument("--cfg-scale", type=float, default=1.0)
-    p.add_argument("--guidance-low", type=float, default=0.0)
-    p.add_argument("--guidance-high", type=float, default=1.0)
+    p.add_argument("--cfg-scale", type=float, default=None, help="default: the recipe's (1.0: no guidance)")
+    p.add_argument("--guidance-low", type=float, default=None, help="default: the recipe's (0.0)")
+    p.add_argument("--guidance-high", type=float, default=None, help="default: the recipe's (1.0)")
     p.add_argument(
-        "--cls-cfg-scale", type=float, default=1.0,
-        help="REG models: guidance scale of the class token inside the guidance interval (<= 0 or 1: none; "
-        "REG-derived generate.py copies default to 1.5)",
+        "--cls-cfg-scale", type=float, default=None,
+        help="REG models: guidance scale of the class token inside the guidance interval (<= 0 or 1: none); "
+        "default: the recipe's (REG's config: 2.3)",
     )  # fmt: skip
-    p.add_argument("--labels", choices=("random", "balanced"), default="random", help="random: the paper's protocol")
-    p.add_argument("--quantization", choices=tuple(QUANTIZATIONS), default="repa", help="repa: the paper's protocol")
+    p.add_argument("--labels", choices=("random", "balanced"), default=None, help="random: the paper's protocol")
+    p.add_argument("--quantization", choices=tuple(QUANTIZATIONS), default=None, help="repa: the paper's protocol")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument(
         "--compile", type=parse_bool, default=False, help="torch.compile the model call (CUDA; CPU with g++)"
@@ -588,7 +630,11 @@ def build_parser():
     p.add_argument("--num-classes", type=int, default=None, help="official flag; checked against the weights")
     p.add_argument("--qk-norm", type=parse_bool, nargs="?", const=True, default=None)
     p.add_argument("--fused-attn", type=parse_bool, nargs="?", const=True, default=True, help="SDPA attention")
-    p.add_argument("--ref-batch", default=None, help="evaluate against this ADM reference batch at the end")
+    p.add_argument(
+        "--ref-batch",
+        default=None,
+        help="evaluate against this ADM reference batch at the end (a folder: the recipe's)",
+    )
     p.add_argument("--inception-weights", default=None, help="local Inception weights for --ref-batch")
     p.add_argument(
         "--allow-pipeline-mix",
@@ -600,6 +646,9 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    ckpt = load_checkpoint(args.ckpt)
+    recipes, recipe_source = checkpoint_recipes(args, ckpt, checkpoint_settings(ckpt))
+    recipe = apply_recipe(args, recipes, recipe_source)
     if args.ref_batch:  # refused now, not after hours of sampling
         if not Path(args.ref_batch).is_file():
             raise FileNotFoundError(f"--ref-batch {args.ref_batch}: no such file")
@@ -615,23 +664,22 @@ def main(argv=None):
         device = torch.device("cpu")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32: reproducible samples across GPU types
 
-    model, settings = load_model(args.ckpt, args.model, args.use_ema, args.encoder_depth)
+    model, settings = load_model(args.ckpt, args.model, args.use_ema, args.encoder_depth, ckpt=ckpt)
+    del ckpt
     model.project = False  # the samplers never read the projector outputs zs: skip them
     training = resolve_training_settings(args, settings)
     is_dit, is_t2i = isinstance(model, DiT), isinstance(model, MMDiT)
     if is_t2i:
         conditions = CaptionConditions(args, settings, model.context_dim, device)
-        # generate_t2i.py's defaults: the ODE (Euler; --heun for Heun) with 50 steps; COCO: 40,192 samples.
-        args.mode, args.num_steps = args.mode or "ode", args.num_steps or 50
-        args.num_fid_samples = args.num_fid_samples or conditions.default_num_samples
+        args.num_fid_samples = args.num_fid_samples or conditions.default_num_samples  # recipe 0: the source's
     else:
         if args.coco_dir or args.prompts:
             raise ValueError(
                 f"--coco-dir and --prompts apply to text-to-image (MMDiT) checkpoints, not {settings['model']}"
             )
         check_official_flags(args, model, training["pixel_space"])
-        args.num_steps, args.num_fid_samples = args.num_steps or 250, args.num_fid_samples or 50_000
-    args.mode = args.mode or ("ddpm" if is_dit else "sde")
+        if not args.num_fid_samples:
+            raise ValueError(f"recipe {args.recipe!r}: num_fid_samples 0 (all captions) applies to MMDiT only")
     if args.mode not in (DIT_MODES if is_dit else SIT_MODES):
         raise ValueError(
             f"--mode {args.mode} does not apply to {settings['model']}; use one of {DIT_MODES if is_dit else SIT_MODES}"
@@ -652,6 +700,23 @@ def main(argv=None):
     else:
         labels_all, num_classes = None, model.num_classes
         labels_all = sample_labels(args.num_fid_samples, num_classes, args.global_seed, args.labels == "balanced")
+    # What the recipe stands for, and whether this run is it: every sampling flag as the recipe has it.
+    overridden = [k for k in EvalRecipe.SAMPLING_KEYS if getattr(args, k) != getattr(recipe, k)]
+    if is_t2i and recipe.num_fid_samples == 0:
+        overridden = [k for k in overridden if k != "num_fid_samples"]
+    recipe_record = {
+        "name": args.recipe, "source": recipe_source, "paper": recipe.paper, "at_step": recipe.at_step,
+        "checkpoint_step": settings.get("steps"), "overridden": overridden,
+    }  # fmt: skip
+    if rank == 0:
+        step_note = ""
+        if recipe.at_step and settings.get("steps") not in (None, recipe.at_step):
+            step_note = f"; the figure is for step {recipe.at_step}, this checkpoint is at {settings['steps']}"
+        print(
+            f"recipe {args.recipe!r} of {recipe_source}"
+            + (f" (paper: {recipe.paper}{step_note})" if recipe.paper else "")
+            + (f"; overridden by flags: {', '.join(overridden)}" if overridden else "")
+        )
     sample_dir = Path(args.sample_dir)
     manifest = sampling_manifest(args, training, settings, num_classes)
     if is_t2i:
@@ -729,7 +794,7 @@ def main(argv=None):
             "weights": "ema" if args.use_ema else "raw", "vae": training["vae"], "precision": args.precision,
         }  # fmt: skip
         summary = {
-            "protocol": protocol, "manifest": manifest, "args": vars(args), "world_size": world,
+            "protocol": protocol, "recipe": recipe_record, "manifest": manifest, "args": vars(args), "world_size": world,
             "npz": str(npz_path), "npz_identity": [npz_path.stat().st_size, npz_path.stat().st_mtime_ns],
             "shape": list(arrays.shape), "seconds": elapsed,
             "images_per_second_rank0": sum(len(r) for r in todo) / max(elapsed, 1e-9),

@@ -14,6 +14,7 @@ import torch
 
 import sample_ddp
 from checkpoints import save_checkpoint
+from config import eval_recipes
 from models.sit import SiT_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +68,13 @@ def test_official_checkpoint_builds(tmp_path, testdata):
     assert kwargs["num_classes"] == 10 and kwargs["z_dims"] == [32] and kwargs["projector_dim"] == 128
 
 
+def default_args(model="SiT-XL/2"):
+    """sample_ddp.py's settings for a checkpoint without recipes: its family's protocol."""
+    args = sample_ddp.build_parser().parse_args(["--ckpt", "x"])
+    sample_ddp.apply_recipe(args, eval_recipes(model, None), "x")
+    return args
+
+
 def test_labels_are_random_by_default_balanced_on_request_and_seeded():
     random = sample_ddp.sample_labels(50_000, 1000, seed=0)  # the official generate.py: randint(0, C)
     assert np.bincount(random, minlength=1000).std() > 3  # uniformly random: counts vary
@@ -74,7 +82,7 @@ def test_labels_are_random_by_default_balanced_on_request_and_seeded():
     labels = sample_ddp.sample_labels(50_000, 1000, seed=0, balanced=True)
     assert np.bincount(labels, minlength=1000).tolist() == [50] * 1000
     assert not np.array_equal(labels, sample_ddp.sample_labels(50_000, 1000, seed=1, balanced=True))
-    assert sample_ddp.build_parser().parse_args(["--ckpt", "x"]).labels == "random"
+    assert default_args().labels == "random"
 
 
 def test_quantisation_is_repa_by_default_and_dit_on_request():
@@ -83,7 +91,7 @@ def test_quantisation_is_repa_by_default_and_dit_on_request():
     assert sample_ddp.quantize(x)[0, 0, :, 0].tolist() == [0, 0, 127, 254, 255, 191]
     # DiT's: uint8(clamp(127.5 x + 128)): 0.0 -> 128, 0.5 -> 191.75 -> 191
     assert sample_ddp.quantize(x, "dit")[0, 0, :, 0].tolist() == [0, 0, 128, 254, 255, 191]
-    assert sample_ddp.build_parser().parse_args(["--ckpt", "x"]).quantization == "repa"
+    assert default_args().quantization == "repa"
 
 
 def test_one_and_two_processes_give_the_same_npz_and_resume_fills_gaps(tmp_path, mode="sde"):
