@@ -30,7 +30,7 @@ N x H x W x 3, arr_1: the labels the images were generated with) is written at t
 
 Text-to-image (MMDiT checkpoints) samples from captions instead of labels:
     torchrun --nproc_per_node=8 sample_ddp.py --ckpt exps/mmdit/checkpoints/0150000.pt \
-        --coco-dir data/coco256_features --mode ode --num-steps 50 --cfg-scale 2.0 [--ref-batch coco_val256.npz]
+        --coco-dir data/coco256_features [--clip-score] [--ref-batch coco_val256.npz]
     python sample_ddp.py --ckpt ... --prompts prompts.txt         # one prompt per line, sample i: prompt i % P
 `--coco-dir` is the official protocol of generate_t2i.py: 40,192 samples, sample i from val image i with one of
 its captions drawn uniformly (here from (seed, i), so any number of processes draws the same), guidance
@@ -61,6 +61,7 @@ from checkpoints import load_checkpoint, model_state_dict
 from config import EvalRecipe, eval_recipes, load_yaml_config, model_family, parse_bool
 from dataset import CaptionedDataset, caption_choice, load_npy
 from diffusion import ddim_sampler, ddpm_sampler
+from evaluations.clip_score import CLIP_L14, clip_score, load_clip
 from evaluations.evaluate import check_pipelines, describe_protocol
 from evaluations.evaluate import main as evaluate_main
 from models import MODELS, T2I_MODELS
@@ -637,6 +638,13 @@ def build_parser():
     )
     p.add_argument("--inception-weights", default=None, help="local Inception weights for --ref-batch")
     p.add_argument(
+        "--clip-score", action="store_true", help="text-to-image: CLIP score of the samples (as generate_t2i.py)"
+    )
+    p.add_argument(
+        "--clip-model", default=CLIP_L14, help=f"--clip-score: hub name or local folder (default {CLIP_L14})"
+    )
+    p.add_argument("--clip-weights", choices=("pretrained", "random"), default="pretrained", help="random: tests only")
+    p.add_argument(
         "--allow-pipeline-mix",
         action="store_true",
         help="--ref-batch may hold pytorch-fid statistics (mu, sigma only, e.g. U-ViT's); recorded as a mixed pipeline",
@@ -669,6 +677,10 @@ def main(argv=None):
     model.project = False  # the samplers never read the projector outputs zs: skip them
     training = resolve_training_settings(args, settings)
     is_dit, is_t2i = isinstance(model, DiT), isinstance(model, MMDiT)
+    if args.clip_score and not is_t2i:
+        raise ValueError(f"--clip-score applies to text-to-image (MMDiT) checkpoints, not {settings['model']}")
+    # CLIP is loaded before sampling, so missing weights stop the run now rather than after the samples.
+    scorer = load_clip(args.clip_model, args.clip_weights, device) if args.clip_score and rank == 0 else None
     if is_t2i:
         conditions = CaptionConditions(args, settings, model.context_dim, device)
         args.num_fid_samples = args.num_fid_samples or conditions.default_num_samples  # recipe 0: the source's
@@ -803,6 +815,9 @@ def main(argv=None):
         texts = conditions.texts(labels_all) if is_t2i else None
         if texts is not None:  # the caption of every sample, in order (e.g. for CLIP scores)
             npz_path.with_suffix(".captions.txt").write_text("\n".join(t.replace("\n", " ") for t in texts) + "\n")
+        if scorer is not None:  # beside FID, as the official generate_t2i.py reports it
+            summary["clip_score"] = clip_score(npz_path, scorer=scorer, batch_size=args.batch_size)
+            print(f"CLIP score: {summary['clip_score']['clip_score']:.4f} ({summary['clip_score']['clip_model']})")
         npz_path.with_suffix(".json").write_text(json.dumps(summary, indent=2, default=str))
         if args.ref_batch:
             eval_argv = [args.ref_batch, str(npz_path), "--json", str(npz_path.with_suffix(".metrics.json"))]

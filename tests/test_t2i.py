@@ -273,15 +273,20 @@ def test_mmdit_repa_trains_resumes_bit_exact_samples_and_evaluates(captioned, tm
     ckpt = straight / "run" / "checkpoints" / "0000004.pt"
     common = ["--ckpt", str(ckpt), "--num-steps", "3", "--cfg-scale", "2.0", "--guidance-high", "0.7"]
     out = tmp_path / "samples"
-    sample_ddp.main([*common, "--coco-dir", str(captioned), "--num-fid-samples", "5", "--batch-size", "2",
-                     "--sample-dir", str(out)])  # fmt: skip
+    with pytest.warns(UserWarning, match="RANDOM CLIP WEIGHTS"):
+        sample_ddp.main([*common, "--coco-dir", str(captioned), "--num-fid-samples", "5", "--batch-size", "2",
+                         "--sample-dir", str(out), "--clip-score", "--clip-weights", "random"])  # fmt: skip
     npz = np.load(tmp_path / "samples.npz")
     ids = npz["arr_1"]
     assert ids.tolist() == [[i, caption_choice(0, i, 2)] for i in range(5)]
     val_captions = json.loads((captioned / "val" / layout.CAPTIONS_JSON).read_text())["captions"]
     assert (tmp_path / "samples.captions.txt").read_text().splitlines() == [val_captions[i][k] for i, k in ids]
-    # The same samples computed directly: EMA model, per-sample noise, Euler ODE with CFG on the empty caption.
-    model, _ = sample_ddp.load_model(ckpt)
+    # The same samples computed directly: the raw weights (generate_t2i.py's default, the MMDiT recipe's), per-sample
+    # noise, Euler ODE with CFG on the empty caption.
+    summary = json.loads((tmp_path / "samples.json").read_text())
+    assert summary["recipe"]["name"] == "default" and summary["protocol"]["weights"] == "raw"
+    assert summary["recipe"]["overridden"] == ["num_steps", "cfg_scale", "guidance_high"]
+    model, _ = sample_ddp.load_model(ckpt, use_ema=False)
     tokens = torch.stack([torch.from_numpy(np.load(captioned / "val" / f"{i}_{k}.npy")) for i, k in ids])
     noise = torch.stack([torch.randn(3, 32, 32, generator=sample_ddp.sample_generator(0, i, "cpu")) for i in range(5)])
     expected = []
@@ -290,6 +295,13 @@ def test_mmdit_repa_trains_resumes_bit_exact_samples_and_evaluates(captioned, tm
                                      cfg_scale=2.0, guidance_high=0.7, null_condition=a["empty_context"])  # fmt: skip
         expected.append(sample_ddp.quantize(z))
     assert np.array_equal(npz["arr_0"], np.concatenate(expected))
+    # The CLIP score beside it, of these very samples and captions (random CLIP: the plumbing, not a score).
+    from evaluations.clip_score import clip_score
+
+    with pytest.warns(UserWarning, match="RANDOM CLIP WEIGHTS"):
+        direct = clip_score(tmp_path / "samples.npz", weights="random", device="cpu")
+    assert summary["clip_score"]["clip_score"] == pytest.approx(direct["clip_score"], rel=1e-5)
+    assert summary["clip_score"]["num_samples"] == 5 and summary["clip_score"]["clip_weights"] == "random"
 
     # Prompts from a file go through the recorded (random) text encoder: the caption that sample 0 of the COCO
     # run used, as a prompt, gives its tokens again and (same noise, settings and batch size) the same image.
