@@ -221,7 +221,9 @@ def test_irepa_flags_parse_with_irepa_defaults():
     assert (default.spnorm_method, default.zscore_alpha) == ("none", 0.6)
     argv = ["--projection-layer-type", "conv", "--proj-kwargs-kernel-size", "3", "--spnorm-method", "zscore"]
     cfg = parse_config(argv + ["--zscore-alpha", "0.8"])
-    assert (cfg.projection_layer_type, cfg.proj_kwargs_kernel_size, cfg.spnorm_method) == ("conv", 3, "zscore")
+    # iREPA's LDM config and command: a 1x1 conv (ldm/train.py's default kernel), lambda 1.0, z-score 0.6.
+    assert (cfg.projection_layer_type, cfg.proj_kwargs_kernel_size, cfg.spnorm_method) == ("conv", 1, "zscore")
+    assert (cfg.proj_coeff, cfg.zscore_alpha) == (1.0, 0.6)
     assert cfg.zscore_alpha == 0.8
     for bad, message in [("--proj-kwargs-kernel-size=4", "proj_kwargs_kernel_size"),
                          ("--projection-layer-type=attention", "projection_layer_type"),
@@ -328,7 +330,9 @@ VARIANTS = Path(__file__).resolve().parents[1] / "configs" / "variants"
 @pytest.mark.parametrize("name", ["irepa-sit-b-2_dinov2-b.yaml", "irepa-sit-xl-2_dinov2-b.yaml"])
 def test_irepa_configs_build_their_projector(name):
     cfg = load_yaml_config(VARIANTS / name)
-    assert (cfg.projection_layer_type, cfg.proj_kwargs_kernel_size, cfg.spnorm_method) == ("conv", 3, "zscore")
+    # iREPA's LDM config and command: a 1x1 conv (ldm/train.py's default kernel), lambda 1.0, z-score 0.6.
+    assert (cfg.projection_layer_type, cfg.proj_kwargs_kernel_size, cfg.spnorm_method) == ("conv", 1, "zscore")
+    assert (cfg.proj_coeff, cfg.zscore_alpha) == (1.0, 0.6)
     with torch.device("meta"):
         model = SiT_models[cfg.model](
             z_dims=[768],
@@ -336,7 +340,7 @@ def test_irepa_configs_build_their_projector(name):
             projection_layer_type=cfg.projection_layer_type,
             proj_kwargs_kernel_size=cfg.proj_kwargs_kernel_size,
         )
-    assert model.projectors[0].projection_layer.weight.shape[-2:] == (3, 3)
+    assert model.projectors[0].projection_layer.weight.shape[-2:] == (1, 1)
 
 
 def test_reg_config_and_flag_checks():
