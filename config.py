@@ -190,7 +190,7 @@ class TrainConfig:
     allow_tf32: bool = True
     compile: bool = True  # torch.compile the model and the encoders' forward on CUDA
     # ... and on a CPU (with a C++ compiler) too: off by default, since on this project's 2-core CPU the
-    # compiled step measured no faster than the eager one (README, Speed) and compiling takes minutes.
+    # compiled step measured no faster than the eager one (docs/speed.md) and compiling takes minutes.
     compile_cpu: bool = False
     # --- evaluation (YAML only) ----------------------------------------------------------------------
     # Named recipes, the first the default of sample_ddp.py: name -> EvalRecipe keys that differ from the

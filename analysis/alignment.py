@@ -66,13 +66,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoints import load_checkpoint
+from checkpoints import load_checkpoint, load_model
 from dataset import ImageLatentDataset
 from diffusion import GaussianDiffusion
 from loss import Interpolant
 from models.dit import DiT
 from models.encoders import WEIGHT_CHOICES, load_encoders
-from sample_ddp import load_model
 from samplers import randn_like
 
 DIT_TIMESTEPS = 1000  # the DDPM process DiT trains on (diffusion.DiffusionLoss)
@@ -261,7 +260,7 @@ def item_noise(indices: Sequence[int], shape: Sequence[int], seed: int, draws: i
 
 
 def clean_model_input(x: torch.Tensor, settings: dict, posterior_noise: torch.Tensor) -> torch.Tensor:
-    """Dataset `x` -> the clean model input, as training makes it (train.sample_latents).
+    """Dataset `x` -> the clean model input, as training makes it (training.sample_latents).
 
     Latent runs: x is the VAE posterior mean || std (N, 2C, h, w); the input is the sample
     (mean + std * noise) * latent_scale + latent_bias. Pixel runs: x already is the image in [-1, 1].
@@ -310,7 +309,7 @@ def extract_features(
 ) -> dict[int, torch.Tensor]:
     """{block l: (N, D) hidden state after block l, averaged over tokens} for one batch, on the CPU (float32).
 
-    model, settings: as sample_ddp.load_model returns them. x: (N, ...) dataset `x` of the batch (latent
+    model, settings: as checkpoints.load_model returns them. x: (N, ...) dataset `x` of the batch (latent
     moments or pixels). labels: None for the null class (REPA's protocol), else (N,) class labels.
     layers: 1-based block numbers (default: all). indices: the items' dataset indices, which fix their
     noise (default 0..N-1). The forward stops after the deepest requested block.
@@ -427,7 +426,7 @@ def layer_metrics(model_feats: torch.Tensor, enc_feats: torch.Tensor, labels, sp
 
 
 def analyse_checkpoint(model, settings, path, items, enc_feats, split, args, cls_tokens=None) -> dict:
-    """Every metric of one checkpoint (its model and settings from sample_ddp.load_model) at every t and layer.
+    """Every metric of one checkpoint (its model and settings from checkpoints.load_model) at every t and layer.
     cls_tokens: the encoder's (N, D) class tokens of the items, which REG models denoise with the image."""
     indices, _, x, labels = items
     model = model.to(args.device)

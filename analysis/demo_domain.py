@@ -293,7 +293,7 @@ def save_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, per_class:
 
 def judge(ckpt: Path, nets: Path, num_samples: int, num_steps: int, cfg_scale: float, seed: int) -> dict:
     """Sample `ckpt` (EMA) and score the samples with the evaluator in `nets`."""
-    from sample_ddp import load_model
+    from checkpoints import load_model
 
     record = json.loads((Path(nets) / "nets.json").read_text())
     evaluator = load_evaluator(Path(nets) / "evaluator.pt")

@@ -1,7 +1,7 @@
 """REPA and its variants vs vanilla in miniature, on the CPU: does aligning to a real representation speed up
 training?
 
-    python benchmarks/repa_miniature.py --out miniature_out              # 3 seeds, vanilla and REPA (README)
+    python benchmarks/repa_miniature.py --out miniature_out              # 3 seeds, vanilla and REPA (docs/miniature.md)
     python benchmarks/repa_miniature.py --out miniature_out --methods vanilla repa irepa reg haste
     python benchmarks/repa_miniature.py --out /tmp/mini --seeds 0 --steps 400 --eval-every 200   # a smoke run
 
@@ -60,9 +60,9 @@ from analysis.demo_domain import (  # noqa: E402
     make_splits,
     train_nets,
 )
+from checkpoints import load_model  # noqa: E402
 from models.encoders import load_encoders  # noqa: E402
 from preprocessing.make_demo_data import CLASS_NAMES  # noqa: E402
-from sample_ddp import load_model  # noqa: E402
 
 #################################################################################
 #                              Training (train.py)                              #

@@ -4,7 +4,7 @@
     python benchmarks/train_step.py --model SiT-B/2 --batch-size 8 --precision fp32 --compile false --json
     python benchmarks/train_step.py --config configs/miniature.yaml --enc-type none   # a run's own settings
 
-It times train.TrainStep, the object train.py's loop calls: per micro-batch the seeded latent sample, the
+It times training.TrainStep, the object train.py's loop calls: per micro-batch the seeded latent sample, the
 encoder targets (or --target-cache: precomputed tokens passed in instead of running the encoder), the loss
 and backward; then the clip, fused AdamW and the EMA. Random latent moments and images stand in for data
 (this measures the step, not I/O; benchmarks/dataset.py measures loading); encoders have random weights
@@ -34,7 +34,7 @@ from config import TrainConfig, config_from_dict, load_yaml_config, parse_bool  
 from loss import REPALoss  # noqa: E402
 from models.encoders import load_encoders  # noqa: E402
 from models.sit import SiT_models, sit_flops  # noqa: E402
-from train import TrainStep, compile_step, make_optimizer, peak_memory_gib  # noqa: E402
+from training import TrainStep, compile_step, make_optimizer, peak_memory_gib  # noqa: E402
 
 # Dense peak TFLOP/s by device name fragment and precision (vendor datasheets, no sparsity).
 PEAK_TFLOPS = {

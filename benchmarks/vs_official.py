@@ -10,7 +10,7 @@ on them), with the position embedding resampled to 16x16 as there. The official 
 official train.py loop (not importable: it lives inside main()), repeated here line for line: latent sample,
 label drop, DINOv2 forward_features under no_grad + autocast, SILoss, backward, clip, AdamW (torch defaults,
 as the official), zero_grad, the official per-parameter EMA, and the three `.item()` it logs every step.
-Ours is train.TrainStep through benchmarks/train_step.py (the step train.py runs).
+Ours is training.TrainStep through benchmarks/train_step.py (the step train.py runs).
 
 Each rep times `--steps` steps of the official step and of ours, each after one untimed warm-up step, the
 order alternating between reps (official first in even reps) so that a drift in machine load favours neither.

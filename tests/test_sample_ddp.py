@@ -395,7 +395,7 @@ def test_fused_attn_false_samples_with_explicit_attention(tmp_path, monkeypatch)
 
 
 def test_compile_samples_like_eager_and_is_part_of_the_manifest(tmp_path):
-    from train import compile_available
+    from training import compile_available
 
     if not compile_available(torch.device("cpu"))[0]:
         pytest.skip("torch.compile needs a C++ compiler on the CPU")

@@ -17,6 +17,7 @@ import torch
 
 import sample_ddp
 import train
+import training
 from checkpoints import load_checkpoint, save_checkpoint
 from dataset import CaptionedDataset, ResumableSampler, caption_choice
 from models.text_encoder import MAX_LENGTH, HashTokenizer, TextEncoderNotFoundError, load_text_encoder
@@ -238,7 +239,7 @@ def test_caption_dropout_replaces_tokens_by_the_empty_caption_at_cfg_prob(captio
     stream = iter(ResumableSampler(len(data), batch, seed=0, with_position=True))
     dropped = 0
     for step, y in enumerate(seen):
-        torch.manual_seed(train.step_seed(0, 0, step * batch))
+        torch.manual_seed(training.step_seed(0, 0, step * batch))
         drop = torch.rand(batch) < p
         for j in range(batch):
             expected = empty if drop[j] else data[next(stream)][2]

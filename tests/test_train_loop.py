@@ -4,7 +4,7 @@ Each test runs train.train() on a tiny setup (32 px pixel space, or hand-made 4x
 width 64) and records what the loop does by wrapping its collaborators: the DataLoader, the loss object, the
 optimizer's step hooks, update_ema, the preview samplers and the encoders. train.py itself is not changed. The
 expected values are computed here from the documented rules, not by running the loop's code again (the one
-helper used, train.step_seed, has its own test: distinct for every (seed, rank, position)):
+helper used, training.step_seed, has its own test: distinct for every (seed, rank, position)):
     data order     position p -> entry p % n of np.random.default_rng([seed, p // n]).permutation(n)
     randomness     every micro-step reseeds from step_seed(seed, rank, position), then draws in order:
                    [latent eps] [legacy label drop] t, noise (loss), label drop (model)
@@ -26,6 +26,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 import samplers
 import train
+import training
 from checkpoints import load_checkpoint
 from dataset import ImageLatentDataset
 from diffusion import ddim_sampler
@@ -234,7 +235,7 @@ def data_order(num_items, seed, positions):
 
 def step_generator(seed, position, rank=0):
     """A CPU generator in the state the loop's global RNG must have at the start of this micro-step."""
-    return torch.Generator().manual_seed(train.step_seed(seed, rank, position))
+    return torch.Generator().manual_seed(training.step_seed(seed, rank, position))
 
 
 def generator_from(state):
@@ -276,7 +277,7 @@ def grid_png(images, path):
 
 
 def test_step_seed_depends_on_seed_rank_and_position():
-    seeds = [train.step_seed(s, r, p) for s in range(3) for r in range(4) for p in range(0, 400, 4)]
+    seeds = [training.step_seed(s, r, p) for s in range(3) for r in range(4) for p in range(0, 400, 4)]
     assert len(set(seeds)) == len(seeds)
 
 

@@ -1,17 +1,17 @@
-"""train.TrainStep's speed-related parts: torch.compile without graph breaks and with eager results, the fused
+"""training.TrainStep's speed-related parts: torch.compile without graph breaks and with eager results, the fused
 AdamW, and skipped steps decided on the device. Tiny models, CPU; the compile tests need a C++ compiler."""
 
 import pytest
 import torch
 
-import train
+import training
 from config import TrainConfig
 from loss import REPALoss
 from models.encoders import load_encoders
 from models.sit import SiT
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-CAN_COMPILE, COMPILER = train.compile_available(torch.device("cpu"))
+CAN_COMPILE, COMPILER = training.compile_available(torch.device("cpu"))
 needs_compiler = pytest.mark.skipif(not CAN_COMPILE, reason=f"torch.compile unavailable: {COMPILER}")
 
 
@@ -53,7 +53,7 @@ def test_compiled_and_eager_steps_give_the_same_loss_and_gradients():
     results = []
     for compiled in (False, True):
         model = tiny_sit().train()
-        step_model, _, used, _ = train.compile_step(model, [], compiled, torch.device("cpu"), cpu=True)
+        step_model, _, used, _ = training.compile_step(model, [], compiled, torch.device("cpu"), cpu=True)
         assert used == compiled
         x, y, zs = batch()
         torch.manual_seed(3)  # t, noise and the model's label dropout (eager draws under compile too)
@@ -72,14 +72,14 @@ def test_compile_is_cuda_only_by_default():
     # --compile true (the default) leaves a CPU run eager unless --compile-cpu true: measured no faster there.
     model = tiny_sit()
     assert TrainConfig().compile and not TrainConfig().compile_cpu
-    step_model, _, used, note = train.compile_step(model, [], True, torch.device("cpu"))
+    step_model, _, used, note = training.compile_step(model, [], True, torch.device("cpu"))
     assert step_model is model and not used and "--compile-cpu" in note
 
 
 def test_adamw_is_fused_on_the_cpu_and_a_skip_changes_nothing():
     cfg = TrainConfig(learning_rate=0.1)
     param = torch.nn.Parameter(torch.ones(3))
-    optimizer = train.make_optimizer(cfg, [param], torch.device("cpu"))
+    optimizer = training.make_optimizer(cfg, [param], torch.device("cpu"))
     assert optimizer.defaults["fused"]
     param.grad = torch.ones(3)
     optimizer.step()
@@ -97,8 +97,8 @@ def test_adamw_is_fused_on_the_cpu_and_a_skip_changes_nothing():
 def test_ema_update_with_a_device_flag():
     ema, model = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     before = [p.detach().clone() for p in ema.parameters()]
-    train.update_ema(ema, model, 0.9, apply=torch.tensor(False))
+    training.update_ema(ema, model, 0.9, apply=torch.tensor(False))
     assert all(torch.equal(p, b) for p, b in zip(ema.parameters(), before))
-    train.update_ema(ema, model, 0.9, apply=torch.tensor(True))
+    training.update_ema(ema, model, 0.9, apply=torch.tensor(True))
     for p, b, m in zip(ema.parameters(), before, model.parameters()):
         torch.testing.assert_close(p, 0.9 * b + 0.1 * m, rtol=0, atol=1e-7)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
 import sample_ddp
 from checkpoints import load_checkpoint
 from config import load_yaml_config, parse_config
@@ -135,7 +136,7 @@ def test_projector_kwargs_read_back_from_each_layout(kind, kernel, expected):
 def test_official_irepa_weights_rebuild_from_the_state_dict_alone(testdata):
     """sample_ddp's path for files without recorded constructor keywords."""
     ref, _ = reference(testdata, "irepa")
-    kwargs = sample_ddp.sit_kwargs_from_state_dict(ref["state_dict"])
+    kwargs = checkpoints.sit_kwargs_from_state_dict(ref["state_dict"])
     assert kwargs["projection_layer_type"] == "conv" and kwargs["proj_kwargs_kernel_size"] == 3
     assert kwargs["z_dims"] == [32, 48]
     model = SiT(**kwargs, num_heads=ref["config"]["num_heads"], encoder_depth=2).eval()
@@ -247,7 +248,7 @@ def test_irepa_training_run_and_its_checkpoint_samples(demo_data, tmp_path):
     assert ckpt["model"][key].shape == (384, 64, 3, 3)  # dinov2-vit-s targets, hidden 64
     # The conv projector trains: the alignment gradient reaches it.
     assert not torch.equal(ckpt["model"][key], load_checkpoint(first)["model"][key])
-    model, settings = sample_ddp.load_model(path)
+    model, settings = checkpoints.load_model(path)
     assert model.projection_layer_type == "conv" and settings["model"] == "SiT-S/8"
     torch.testing.assert_close(model.state_dict()[key], ckpt["ema"][key], rtol=0, atol=0)
 
@@ -423,7 +424,7 @@ def test_reg_ode_integrates_image_and_class_token_jointly():
 
 def test_reg_weights_rebuild_from_the_state_dict_alone(testdata):
     ref, _ = reference(testdata, "reg")
-    kwargs = sample_ddp.sit_kwargs_from_state_dict(ref["state_dict"])
+    kwargs = checkpoints.sit_kwargs_from_state_dict(ref["state_dict"])
     assert kwargs["cls_token_dim"] == 32 and kwargs["input_size"] == 8 and kwargs["z_dims"] == [32]
     model = SiT(**kwargs, num_heads=4, encoder_depth=2).eval()
     model.load_state_dict(ref["state_dict"], strict=True)
@@ -602,7 +603,7 @@ def test_reg_trains_resumes_exactly_and_its_checkpoint_samples(demo_data, tmp_pa
     stats = [json.loads(line) for line in (tmp_path / "straight" / "run" / "stats.jsonl").read_text().splitlines()]
     assert [s["step"] for s in stats] == [1, 2, 3, 4] and all(s["cls_loss"] > 0 for s in stats)
     assert (tmp_path / "straight" / "run" / "samples" / "0000004.png").exists()  # REG previews
-    model, settings = sample_ddp.load_model(tmp_path / "straight" / "run" / "checkpoints" / "0000004.pt")
+    model, settings = checkpoints.load_model(tmp_path / "straight" / "run" / "checkpoints" / "0000004.pt")
     assert model.cls_token_dim == 384 and settings["cls_token_dim"] == 384
 
 
