@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from models import model_family
+
 # HASTE's attention pairing (SiT block:encoder block, 1-based) for its main run (NUS-HPC-AI-Lab/HASTE). Its README
 # and train.sh give --attn-coeff 0.5, --proj-coeff 0.5, --encoder-depth 8, --early-stop-point 250000, DINOv2-B.
 # Pairing and heads as HASTE's loss.py (quoted from it: `for i in range(4, 8)` against `zs[i + 4]`, heads
@@ -78,11 +80,6 @@ FAMILY_RECIPES = {
 }
 
 
-def model_family(model: str) -> str:
-    """sit | dit | mmdit, from a model name such as SiT-XL/2, DiT-L/2, MMDiT-d24/2."""
-    return "mmdit" if model.startswith("MMDiT") else "dit" if model.startswith("DiT") else "sit"
-
-
 def eval_recipes(model: str, overrides: dict | None, source: str = "config") -> dict[str, EvalRecipe]:
     """A config's `eval:` mapping (name -> keys that differ from the family's protocol) as recipes, in order;
     a config without one has a single recipe, `default`: the family's protocol with no paper figure."""
@@ -128,7 +125,7 @@ class TrainConfig:
     sampling_steps: int = 10_000  # preview grids from the EMA model every this many steps
     preview_num_steps: int = 50  # ODE (Heun) steps for previews
     preview_cfg_scale: float = 1.0
-    # --- model (REPA_FACTS.md: SiT-XL/2, projector at block 8, DINOv2-B) ----------------------------
+    # --- model (the paper: SiT-XL/2, projector at block 8, DINOv2-B) ---------------------------------
     model: str = "SiT-XL/2"
     num_classes: int = 1000
     encoder_depth: int = 8  # 8 for SiT-L/XL, 4 for SiT-B (paper)
@@ -211,6 +208,18 @@ class TrainConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"config key {key!r}: {getattr(self, key)!r} is not one of {allowed}")
+        family = model_family(self.model)
+        if (self.cls > 0 or self.attn_coeff > 0) and family != "sit":
+            raise ValueError(
+                f"config keys 'cls' / 'attn_coeff' (REG, HASTE) are implemented for SiT models only, not {self.model}"
+            )
+        if self.spnorm_method != "none" and family != "sit":
+            raise ValueError(f"config key 'spnorm_method' ({self.spnorm_method}) is implemented for SiT models only")
+        if family == "mmdit" and (self.hflip or self.legacy or self.target_cache):
+            raise ValueError(
+                "config keys 'hflip', 'legacy' and 'target_cache' do not apply to text-to-image training (captions say "
+                "left/right; --cache-targets keeps encoder tokens in memory instead of --target-cache)"
+            )
         # Counts checked here, when the config is parsed, not as a ZeroDivisionError after the first step.
         positive = ("batch_size", "gradient_accumulation_steps", "log_every", "checkpointing_steps", "epochs")
         non_negative = (

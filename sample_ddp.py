@@ -57,12 +57,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoints import checkpoint_settings, load_checkpoint, load_model
-from config import EvalRecipe, eval_recipes, load_yaml_config, model_family, parse_bool
+from config import EvalRecipe, eval_recipes, load_yaml_config, parse_bool
 from dataset import CaptionedDataset, caption_choice, load_npy
 from diffusion import ddim_sampler, ddpm_sampler
 from evaluations.clip_score import CLIP_L14, clip_score, load_clip
 from evaluations.evaluate import check_pipelines, describe_protocol
 from evaluations.evaluate import main as evaluate_main
+from models import model_family
 from models.dit import DiT
 from models.mmdit import MMDiT
 from models.text_encoder import load_text_encoder

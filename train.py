@@ -35,18 +35,23 @@ from tqdm import tqdm
 from checkpoints import load_checkpoint, save_checkpoint
 from config import TrainConfig, parse_config
 from dataset import CaptionedDataset, ImageLatentDataset, ResumableSampler
-from diffusion import DiffusionLoss, ddim_sampler
-from loss import REPALoss
-from models import MODELS, T2I_MODELS
-from models.dit import DiT_models
-from models.encoders import load_encoders
+from diffusion import ddim_sampler
+from models import T2I_MODELS, build_model, model_family
 from models.mmdit import mmdit_flops
 from models.sit import sit_flops
 from models.vae import VAENotFoundError, latent_decoder, load_vae
 from preprocessing.layout import CAPTIONS_JSON, is_coco_layout
 from preprocessing.target_cache import open_target_cache
 from samplers import euler_sampler
-from training import TrainStep, alignment_on, compile_step, make_optimizer, peak_memory_gib
+from training import (
+    TrainStep,
+    alignment_encoders,
+    alignment_on,
+    build_loss,
+    compile_step,
+    make_optimizer,
+    peak_memory_gib,
+)
 
 CHECKPOINT_PATTERN = re.compile(r"^(\d{7})\.pt$")
 
@@ -189,12 +194,8 @@ def save_loss_plot(stats_path: Path, png_path: Path):
     plt.close(fig)
 
 
-#################################################################################
-#                                 Training loop                                 #
-#################################################################################
-
-
-def train(cfg: TrainConfig):
+def start_run(cfg: TrainConfig):
+    """The processes and the run folder: (accelerator, log). `log` prints on the main process only."""
     launched_world = int(os.environ.get("WORLD_SIZE", 1))
     accelerator = Accelerator(
         # Without CUDA, accelerate joins torchrun's processes only when told the run is on the CPU (gloo);
@@ -205,8 +206,7 @@ def train(cfg: TrainConfig):
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_dir=str(cfg.run_dir),
     )
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    is_main = accelerator.is_main_process
+    device, world = accelerator.device, accelerator.num_processes
     if launched_world > 1 and world != launched_world:
         raise RuntimeError(
             f"the launcher started {launched_world} processes (WORLD_SIZE) but accelerate joined {world}; each "
@@ -214,31 +214,33 @@ def train(cfg: TrainConfig):
         )
 
     def log(message):
-        if is_main:
+        if accelerator.is_main_process:
             tqdm.write(message)
 
     if device.type == "cpu" and cfg.mixed_precision == "fp16":
         # accelerate runs fp16 on the CPU as plain fp32 (no autocast, no loss scaler); say so, not silently.
         warnings.warn(
-            "--mixed-precision fp16 has no effect on the CPU: this run trains in fp32. Use bf16 or no.", stacklevel=2
+            "--mixed-precision fp16 has no effect on the CPU: this run trains in fp32. Use bf16 or no.", stacklevel=3
         )
     if device.type == "cuda" and cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    # --batch-size keeps the official meaning: images per micro-step over all processes. An optimizer step
-    # averages gradient_accumulation_steps of them, so the effective batch is their product.
-    micro_global = cfg.batch_size
-    effective_batch = cfg.batch_size * cfg.gradient_accumulation_steps
+    # --batch-size keeps the official meaning: images per micro-step over all processes.
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
-    run_dir, ckpt_dir = cfg.run_dir, cfg.run_dir / "checkpoints"
-    if is_main:
-        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    set_seed(cfg.seed)  # model init is identical on every rank (DDP also broadcasts it)
+    if accelerator.is_main_process:
+        (cfg.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / "config.yaml").write_text(cfg.to_yaml())
+    return accelerator, log
 
-    # Data: images (for the encoders) with latent moments or pixels, and an exactly resumable order.
-    is_t2i = cfg.model in T2I_MODELS
+
+def load_data(cfg: TrainConfig, device):
+    """The training set, checked against the config: (dataset, the empty caption's tokens or None).
+
+    Class-conditional: images (for the encoders) with latent moments or pixels (dataset.ImageLatentDataset).
+    Text-to-image (an MMDiT): the MS-COCO feature layout, one caption per draw from (seed, stream position).
+    """
+    is_t2i = model_family(cfg.model) == "mmdit"
     if is_t2i != is_coco_layout(cfg.data_dir):
         raise ValueError(
             f"--model {cfg.model} is a {'text-to-image' if is_t2i else 'class-conditional'} model but {cfg.data_dir} "
@@ -246,15 +248,10 @@ def train(cfg: TrainConfig):
             + ("preprocess with `dataset_tools.py coco`" if is_t2i else f"use an MMDiT ({', '.join(T2I_MODELS)})")
         )
     if is_t2i:
-        if cfg.hflip or cfg.legacy:
-            raise ValueError("--hflip and --legacy do not apply to text-to-image training (captions say left/right)")
-        if cfg.target_cache:
-            raise ValueError("--target-cache is not implemented for text-to-image data yet; use --cache-targets")
-        # The caption of each draw comes from (seed, stream position): exact resume, any number of processes.
         dataset = CaptionedDataset(cfg.data_dir, "train", latents=not cfg.pixel_space, seed=cfg.seed)
         empty_context = torch.from_numpy(dataset.empty_context).to(device)  # (L, D): the null condition
     else:
-        dataset = ImageLatentDataset(cfg.data_dir, latents=not cfg.pixel_space, flip=cfg.hflip)
+        dataset, empty_context = ImageLatentDataset(cfg.data_dir, latents=not cfg.pixel_space, flip=cfg.hflip), None
     image_side = dataset.image_shape[-1]
     if image_side != cfg.resolution:
         raise ValueError(f"--resolution {cfg.resolution} but {cfg.data_dir} holds {image_side} px images")
@@ -265,69 +262,163 @@ def train(cfg: TrainConfig):
             f"{cfg.data_dir} has {dataset.num_classes} classes (label {int(dataset.labels[item])} at item {item}) "
             f"but --num-classes is {cfg.num_classes}: labels must lie in 0..{cfg.num_classes - 1}"
         )
+    return dataset, empty_context
 
-    # Frozen encoders give the alignment targets; none for a vanilla SiT (proj_coeff 0 or enc_type none).
+
+def make_targets(cfg: TrainConfig, encoders, encode, disk_targets, attn_pairs):
+    """What feeds TrainStep.targets(indices, images): None when the tokens come with each batch (--target-cache)
+    or nothing is aligned; HASTE: (tokens, {"attn_target": maps}); --cache-targets: the in-memory cache; else the
+    (possibly compiled) encoders, REG's class token in front of the patch tokens."""
+    use_reg = cfg.cls > 0
+    if disk_targets is not None or not encoders:
+        return None
+    if cfg.attn_coeff > 0:  # HASTE: the first encoder also gives its attention maps, as an extra loss input
+
+        def targets(indices, images):
+            first, attn = encoders[0].encode_with_attention(images, [e for _, e in attn_pairs], use_reg)
+            return [first] + [encode_targets(enc, images, use_reg) for enc in encoders[1:]], {"attn_target": attn}
+
+        return targets
+    if cfg.cache_targets:
+        return TargetCache(encoders, class_token=use_reg)
+    token_kwargs = {"class_token": True} if use_reg else {}
+    return lambda indices, images: [fn(images, **token_kwargs) for fn in encode]
+
+
+class Previews:
+    """Preview grids from the EMA weights: the same noise and conditions every time (ODE, Heun; DDIM for DiT).
+
+    Text-to-image: caption 0 of the first 16 training items, listed in samples/captions.txt."""
+
+    def __init__(self, cfg: TrainConfig, dataset, shape, cls_token_dim, empty_context, device, is_main, log):
+        self.cfg, self.n = cfg, 16
+        self.decode = load_preview_decoder(cfg, device, log) if is_main and cfg.sampling_steps > 0 else None
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.noise = torch.randn((self.n, *shape), generator=gen).to(device)
+        self.conditions = (torch.arange(self.n) % cfg.num_classes).to(device)
+        self.kwargs = {}
+        if cls_token_dim:  # REG: the class token's initial noise, fixed like the image's
+            self.kwargs["cls_latents"] = torch.randn((self.n, cls_token_dim), generator=gen).to(device)
+        if empty_context is not None:
+            items = [k % len(dataset) for k in range(self.n)]
+            self.conditions = torch.stack([dataset[k][2] for k in items]).to(device)  # (16, L, D)
+            self.kwargs["null_condition"] = empty_context
+            captions_path = Path(cfg.data_dir) / "train" / CAPTIONS_JSON
+            if is_main and captions_path.is_file():
+                captions = json.loads(captions_path.read_text())["captions"]
+                listing = [captions[int(dataset.indices[k])][0] for k in items]
+                (cfg.run_dir / "samples" / "captions.txt").write_text("\n".join(listing) + "\n")
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return self.cfg.sampling_steps > 0 and (step % self.cfg.sampling_steps == 0 or step == total_steps)
+
+    def save(self, ema, step: int, autocast):
+        if self.decode is None:
+            return
+        from torchvision.utils import save_image
+
+        cfg = self.cfg
+        with autocast():
+            common = dict(num_steps=cfg.preview_num_steps, cfg_scale=cfg.preview_cfg_scale)
+            if model_family(cfg.model) == "dit":
+                z = ddim_sampler(ema, self.noise, self.conditions, **common)
+            else:
+                z = euler_sampler(ema, self.noise, self.conditions, heun=True, path_type=cfg.path_type, **common, **self.kwargs)  # fmt: skip
+            images = self.decode(z.float()).clamp(0, 1)
+        save_image(images.float(), cfg.run_dir / "samples" / f"{step:07d}.png", nrow=int(math.sqrt(self.n)))
+
+
+def resume_state(cfg: TrainConfig, model, ema, optimizer, effective_batch: int, log) -> dict:
+    """Load the checkpoint to resume from (if any) into model, EMA and optimizer, before they are wrapped, so
+    every rank loads the same state: {step, nonfinite_steps, position (items drawn, all ranks), scaler}."""
+    state = {"step": 0, "nonfinite_steps": 0, "position": 0, "scaler": None}
+    resume_path, ckpt = find_resume_checkpoint(cfg, log)
+    if ckpt is None:
+        return state
+    try:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"{resume_path} does not fit --model {cfg.model} with this config (encoders, encoder_depth, "
+            f"size overrides); resume with the run's own config.yaml or pass --resume none.\n{e}"
+        ) from e
+    optimizer.load_state_dict(ckpt["opt"])
+    step = int(ckpt["steps"])
+    state.update(step=step, nonfinite_steps=int(ckpt.get("nonfinite_steps", 0)), scaler=ckpt.get("scaler"))
+    state["position"] = int(ckpt.get("data_position", step * effective_batch))  # differs from step x batch after skips
+    log(f"resumed from {resume_path} at step {step}")
+    return state
+
+
+def checkpoint_state(cfg, step, raw_model, ema, optimizer, scaler, model_kwargs, train_step, position, dataset):
+    """A checkpoint: the official keys (model, ema, opt, args, steps) plus what exact resume and sampling need."""
+    state = {
+        "model": raw_model.state_dict(),
+        "ema": ema.state_dict(),
+        "opt": optimizer.state_dict(),
+        "args": argparse.Namespace(**cfg.to_dict()),  # official field: readable by REPA's scripts
+        "steps": step,
+        "config": cfg.to_dict(),
+        "model_kwargs": model_kwargs,
+        "nonfinite_steps": int(train_step.nonfinite_steps),
+        "data_position": position,
+    }
+    if train_step.null_condition is not None:  # text-to-image: the null condition and the text encoder
+        state["empty_context"] = train_step.null_condition.cpu()
+        state["text_encoder"] = dataset.text_encoder
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    return state
+
+
+def stats_line(cfg, step, window, optimizer, window_images, elapsed, position, device, compile_s) -> dict:
+    """One stats.jsonl line: the step's window means (TrainStep.read_stats) and the run's counters."""
+    nonfinite_steps = window.pop("nonfinite_steps")
+    return {
+        "step": step,
+        **window,
+        "lr": optimizer.param_groups[0]["lr"],
+        "img_per_s": window_images / max(elapsed, 1e-9),
+        "images_seen": position,
+        "peak_mem_gib": peak_memory_gib(device),
+        "nonfinite_steps": nonfinite_steps,
+        "compile_s": compile_s,
+    }
+
+
+#################################################################################
+#                                 Training loop                                 #
+#################################################################################
+
+
+def train(cfg: TrainConfig):
+    accelerator, log = start_run(cfg)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    is_main, run_dir = accelerator.is_main_process, cfg.run_dir
+    micro_global = cfg.batch_size  # an optimizer step averages gradient_accumulation_steps micro-steps
+    effective_batch = cfg.batch_size * cfg.gradient_accumulation_steps
+    set_seed(cfg.seed)  # model init is identical on every rank (DDP also broadcasts it)
+
+    # ---- data ----
+    dataset, empty_context = load_data(cfg, device)
     in_channels, input_side = dataset.x_shape[0] // (1 if cfg.pixel_space else 2), dataset.x_shape[-1]
-    all_models = {**MODELS, **T2I_MODELS}
-    if cfg.model not in all_models:
-        raise ValueError(f"--model {cfg.model!r} is unknown; choose one of {', '.join(all_models)}")
-    is_dit = cfg.model in DiT_models
-    use_repa = cfg.proj_coeff > 0 and bool(cfg.encoder_names)
-    use_reg = cfg.cls > 0  # REG: the first encoder's class token is denoised with the image (loss.py)
-    use_attn = cfg.attn_coeff > 0  # HASTE: the first encoder's attention maps are targets of the SiT's
-    if (use_reg or use_attn) and (is_dit or is_t2i):
-        raise ValueError(f"--cls / --attn-coeff (REG, HASTE) are implemented for SiT models only, not {cfg.model}")
-    encoders = []
-    if use_repa or use_reg or use_attn:
-        # The encoder's token grid must equal the SiT's: at 256 px, 32x32 latents / patch 2 = 16x16, which
-        # the encoders give at their "256 px" setting (grid = resolution / 16). Deriving the encoder setting
-        # from the SiT grid keeps that true for pixel-space runs too (the demo: 32 px / patch 4 -> 8x8).
-        patch = all_models[cfg.model].keywords["patch_size"]
-        if input_side % patch:
-            raise ValueError(f"--model {cfg.model}: patch {patch} does not divide the {input_side}px input")
-        enc_resolution = 16 * (input_side // patch)
-        encoders = load_encoders(
-            cfg.enc_type, device, enc_resolution, ckpt_path=cfg.enc_ckpt or None, enc_weights=cfg.enc_weights
-        )
+
+    # ---- model, encoders and what feeds the alignment ----
+    encoders = alignment_encoders(cfg, device, input_side)
     # --target-cache: the encoders' tokens come from disk with each item; checked against this run first.
     disk_targets = open_target_cache(cfg.target_cache, encoders, dataset, cfg.hflip) if cfg.target_cache else None
     if disk_targets is not None:
         log(f"encoder targets read from {disk_targets.describe()}; the encoders are not run")
-    size_overrides = {k: v for k in ("depth", "hidden_size", "num_heads") if (v := getattr(cfg, k))}
-    model_kwargs = dict(  # saved in every checkpoint: sample_ddp.py rebuilds the model from them
-        **size_overrides,
-        input_size=input_side,
-        in_channels=in_channels,
-        num_classes=cfg.num_classes,
-        class_dropout_prob=cfg.cfg_prob,
-        z_dims=[enc.embed_dim for enc in encoders],
-        encoder_depth=cfg.encoder_depth,
-        projector_dim=cfg.projector_dim,
-        qk_norm=cfg.qk_norm,
-        fused_attn=cfg.fused_attn,
-        projection_layer_type=cfg.projection_layer_type,
-        proj_kwargs_kernel_size=cfg.proj_kwargs_kernel_size,
-        **({"cls_token_dim": encoders[0].embed_dim} if use_reg else {}),  # REG: the class token's width
+    cls_token_dim = encoders[0].embed_dim if cfg.cls > 0 else None  # REG: the first encoder's class token
+    context_dim = None if empty_context is None else empty_context.shape[-1]
+    model, model_kwargs = build_model(
+        cfg, [enc.embed_dim for enc in encoders], input_side, in_channels, cls_token_dim, context_dim
     )
-    if is_t2i:
-        # MMDiT: one number, depth, sets the size (hidden 32 x depth, depth heads); text tokens are its condition.
-        unsupported = [k for k in ("hidden_size", "num_heads") if k in size_overrides]
-        unsupported += ["qk_norm"] * cfg.qk_norm + ["projection_layer_type"] * (cfg.projection_layer_type != "mlp")
-        if unsupported or cfg.spnorm_method != "none":
-            raise ValueError(f"--model {cfg.model}: {unsupported or ['spnorm_method']} apply to SiT models only")
-        model_kwargs = dict(
-            **size_overrides,
-            input_size=input_side,
-            in_channels=in_channels,
-            z_dims=[enc.embed_dim for enc in encoders],
-            encoder_depth=cfg.encoder_depth,
-            projector_dim=cfg.projector_dim,
-            context_dim=dataset.empty_context.shape[-1],
-        )
-    model = all_models[cfg.model](**model_kwargs).to(device)
+    model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    attn_pairs = cfg.attention_layer_pairs if use_attn else []  # HASTE: (SiT block, encoder block), 1-based
-    if use_attn:
+    attn_pairs = cfg.attention_layer_pairs if cfg.attn_coeff > 0 else []  # HASTE: (SiT block, encoder block)
+    if attn_pairs:
         model.record_attention([sit for sit, _ in attn_pairs])  # those blocks compute explicit, kept logits
     optimizer = make_optimizer(cfg, model.parameters(), device)
     for enc in encoders:
@@ -335,9 +426,8 @@ def train(cfg: TrainConfig):
             f"encoder {enc.spec.name} ({enc.weights_source}): {enc.num_params / 1e6:.1f}M parameters, "
             f"{2 * enc.gmacs_per_image():.2f} GFLOPs per image, {enc.grid}x{enc.grid} tokens of {enc.embed_dim}"
         )
-    n_params = sum(p.numel() for p in model.parameters())
-    flops = mmdit_flops(model, dataset.empty_context.shape[0]) if is_t2i else sit_flops(model)
-    log(f"{cfg.model}: {n_params / 1e6:.2f}M parameters, {flops / 1e9:.2f} GFLOPs per image forward")
+    flops = sit_flops(model) if empty_context is None else mmdit_flops(model, empty_context.shape[0])
+    log(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {flops / 1e9:.2f} GFLOPs per image forward")  # fmt: skip
     # The official loop runs `epochs` passes over the data (drop_last) unless max_train_steps comes first.
     steps_per_epoch = len(dataset) // micro_global // cfg.gradient_accumulation_steps
     total_steps = min(cfg.max_train_steps, cfg.epochs * steps_per_epoch)
@@ -349,104 +439,34 @@ def train(cfg: TrainConfig):
     if steps_per_epoch == 0:
         raise ValueError(f"{cfg.data_dir} has {len(dataset)} items, fewer than one effective batch ({effective_batch})")
 
-    # Resume before wrapping, so every rank loads the same state.
-    step, nonfinite_steps = 0, 0
-    position = 0  # items drawn from the data stream, all ranks (differs from step x batch after skips)
-    resume_path, ckpt = find_resume_checkpoint(cfg, log)
-    if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-            ema.load_state_dict(ckpt["ema"])
-        except RuntimeError as e:
-            raise RuntimeError(
-                f"{resume_path} does not fit --model {cfg.model} with this config (encoders, encoder_depth, "
-                f"size overrides); resume with the run's own config.yaml or pass --resume none.\n{e}"
-            ) from e
-        optimizer.load_state_dict(ckpt["opt"])
-        step = int(ckpt["steps"])
-        nonfinite_steps = int(ckpt.get("nonfinite_steps", 0))
-        position = int(ckpt.get("data_position", step * effective_batch))
-        log(f"resumed from {resume_path} at step {step}")
+    # ---- checkpoint state: resume before wrapping, so every rank loads the same state ----
+    resumed = resume_state(cfg, model, ema, optimizer, effective_batch, log)
+    step, position = resumed["step"], resumed["position"]
     if is_main:
         clean_run_folder(run_dir, step, log)
     model, optimizer = accelerator.prepare(model, optimizer)
-    if ckpt is not None and accelerator.scaler is not None and "scaler" in ckpt:
-        accelerator.scaler.load_state_dict(ckpt["scaler"])
-    del ckpt
+    if resumed["scaler"] is not None and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(resumed["scaler"])
     raw_model = accelerator.unwrap_model(model)  # before compiling: checkpoint keys stay the official ones
     model, encode, use_compile, compile_note = compile_step(model, encoders, cfg.compile, device, cpu=cfg.compile_cpu)
     if cfg.compile and not use_compile:
         log(f"torch.compile: {compile_note}; the step runs eagerly")
-
     sampler = ResumableSampler(
-        len(dataset), micro_global, cfg.seed, rank, world, start_index=position, with_position=is_t2i
+        len(dataset), micro_global, cfg.seed, rank, world, start_index=position, with_position=empty_context is not None
     )
     loader = DataLoader(
-        IndexedDataset(dataset, disk_targets),
-        batch_size=sampler.local_batch_size,
-        sampler=sampler,
-        num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
-        drop_last=True,
+        IndexedDataset(dataset, disk_targets), batch_size=sampler.local_batch_size, sampler=sampler,
+        num_workers=cfg.num_workers, pin_memory=device.type == "cuda", drop_last=True,
         persistent_workers=cfg.num_workers > 0,
-    )
-    if is_dit:
-        if cfg.spnorm_method != "none":
-            raise ValueError(f"--spnorm-method {cfg.spnorm_method} is implemented for SiT models only")
-        loss_fn = DiffusionLoss(proj_coeff=cfg.proj_coeff)
-    else:
-        loss_fn = REPALoss(
-            path_type=cfg.path_type,
-            prediction=cfg.prediction,
-            weighting=cfg.weighting,
-            proj_coeff=cfg.proj_coeff,
-            spnorm_method=cfg.spnorm_method,
-            zscore_alpha=cfg.zscore_alpha,
-            cls_coeff=cfg.cls,
-            attn_coeff=cfg.attn_coeff,
-        )
-    autocast = accelerator.autocast  # previews run in the training precision too
-    if disk_targets is not None:
-        targets = None  # the tokens come with each batch (IndexedDataset)
-    elif use_attn:  # HASTE: the first encoder also gives its attention maps, as an extra loss input
-
-        def targets(indices, images):
-            first, attn = encoders[0].encode_with_attention(images, [e for _, e in attn_pairs], use_reg)
-            return [first] + [encode_targets(enc, images, use_reg) for enc in encoders[1:]], {"attn_target": attn}
-
-    elif cfg.cache_targets and encoders:
-        targets = TargetCache(encoders, class_token=use_reg)
-    elif encoders:  # REG: each encoder's class token in front of its patch tokens
-        token_kwargs = {"class_token": True} if use_reg else {}
-        targets = lambda indices, images: [fn(images, **token_kwargs) for fn in encode]  # noqa: E731
-    else:
-        targets = None
-    train_step = TrainStep(
-        cfg, accelerator, model, raw_model, ema, optimizer, loss_fn, targets, nonfinite_steps,
-        null_condition=empty_context if is_t2i else None,
     )  # fmt: skip
+    targets = make_targets(cfg, encoders, encode, disk_targets, attn_pairs)
+    train_step = TrainStep(
+        cfg, accelerator, model, raw_model, ema, optimizer, build_loss(cfg), targets, resumed["nonfinite_steps"],
+        null_condition=empty_context,
+    )  # fmt: skip
+    previews = Previews(cfg, dataset, (in_channels, input_side, input_side), cls_token_dim, empty_context, device, is_main, log)  # fmt: skip
 
-    # Previews: the same noise and labels every time, sampled from the EMA weights.
-    decode = load_preview_decoder(cfg, device, log) if is_main and cfg.sampling_steps > 0 else None
-    preview_gen = torch.Generator().manual_seed(cfg.seed)
-    n_preview = 16
-    preview_noise = torch.randn((n_preview, in_channels, input_side, input_side), generator=preview_gen).to(device)
-    preview_labels = (torch.arange(n_preview) % cfg.num_classes).to(device)
-    preview_kwargs = {}
-    if use_reg:  # REG: the class token's initial noise, fixed like the image's
-        preview_kwargs["cls_latents"] = torch.randn(
-            (n_preview, model_kwargs["cls_token_dim"]), generator=preview_gen
-        ).to(device)
-    if is_t2i:  # a fixed set of captions: caption 0 of the first 16 training items, listed in samples/captions.txt
-        preview_items = [k % len(dataset) for k in range(n_preview)]
-        preview_labels = torch.stack([dataset[k][2] for k in preview_items]).to(device)  # (16, L, D)
-        preview_kwargs["null_condition"] = empty_context
-        captions_path = Path(cfg.data_dir) / "train" / CAPTIONS_JSON
-        if is_main and captions_path.is_file():
-            captions = json.loads(captions_path.read_text())["captions"]
-            listing = [captions[int(dataset.indices[k])][0] for k in preview_items]
-            (run_dir / "samples" / "captions.txt").write_text("\n".join(listing) + "\n")
-
+    # ---- the loop ----
     if accelerator.trackers:
         accelerator.init_trackers(cfg.exp_name, config=cfg.to_dict())
     stats_path = run_dir / "stats.jsonl"
@@ -456,17 +476,16 @@ def train(cfg: TrainConfig):
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
     model.train()
     alignment_stopped = False
-
     while step < total_steps:
         # HASTE's one-shot termination (alignment_on): free the encoder once, when the step reaches the stop.
         if not alignment_on(cfg, step) and encoders and not alignment_stopped:
             alignment_stopped = True
-            if use_attn:
+            if attn_pairs:
                 raw_model.record_attention(())  # every block back on the fused kernel
             for enc in encoders:
                 enc.to("cpu")  # it never runs again in this run: free its accelerator memory
             log(f"step {step}: --early-stop-point {cfg.early_stop_point} reached, alignment off, encoder stopped")
-        # ---- one optimizer step over gradient_accumulation_steps micro-batches ----
+        # One optimizer step over gradient_accumulation_steps micro-batches.
         micro_batches = []
         for _ in range(cfg.gradient_accumulation_steps):
             micro_batches.append((position, *(t.to(device, non_blocking=True) for t in next(data_iter))))
@@ -485,74 +504,33 @@ def train(cfg: TrainConfig):
             log(f"torch.compile ({compile_note}): first step took {compile_s:.1f}s")
             window_start, window_steps = time.time(), 0
 
-        # ---- logging: means over the window, all ranks (the one sync of the loop) ----
+        # Logging: means over the window, all ranks (the one sync of the loop).
         if step % cfg.log_every == 0 or step == total_steps:
             window = train_step.read_stats()
             elapsed = time.time() - window_start
-            nonfinite_steps = window.pop("nonfinite_steps")
-            stats = {
-                "step": step,
-                **window,
-                "lr": optimizer.param_groups[0]["lr"],
-                "img_per_s": window_steps * effective_batch / max(elapsed, 1e-9),
-                "images_seen": position,
-                "peak_mem_gib": peak_memory_gib(device),
-                "nonfinite_steps": nonfinite_steps,
-                "compile_s": compile_s,
-            }
+            stats = stats_line(cfg, step, window, optimizer, window_steps * effective_batch, elapsed, position, device, compile_s)  # fmt: skip
             if is_main:
                 with stats_path.open("a") as f:
                     f.write(json.dumps(stats) + "\n")
-                progress.set_postfix(
-                    loss=f"{stats['loss']:.4f}",
-                    proj=f"{stats['proj_loss']:.4f}",
-                    grad=f"{stats['grad_norm']:.3f}",
-                    img_s=f"{stats['img_per_s']:.1f}",
-                )
+                progress.set_postfix(loss=f"{stats['loss']:.4f}", proj=f"{stats['proj_loss']:.4f}", grad=f"{stats['grad_norm']:.3f}", img_s=f"{stats['img_per_s']:.1f}")  # fmt: skip
             accelerator.log({k: v for k, v in stats.items() if k != "step" and v is not None}, step=step)
-            if nonfinite_steps and nonfinite_steps >= cfg.max_nonfinite_steps:
+            if stats["nonfinite_steps"] and stats["nonfinite_steps"] >= cfg.max_nonfinite_steps:
                 raise RuntimeError(
-                    f"{nonfinite_steps} optimizer steps had a non-finite loss and were skipped; stopping. Lower "
-                    "--learning-rate, use --mixed-precision bf16, or resume from an earlier checkpoint."
+                    f"{stats['nonfinite_steps']} optimizer steps had a non-finite loss and were skipped; stopping. "
+                    "Lower --learning-rate, use --mixed-precision bf16, or resume from an earlier checkpoint."
                 )
             window_start, window_steps = time.time(), 0
 
-        # ---- previews from the EMA model ----
-        if cfg.sampling_steps > 0 and (step % cfg.sampling_steps == 0 or step == total_steps):
-            if is_main and decode is not None:
-                from torchvision.utils import save_image
-
-                with autocast():
-                    common = dict(num_steps=cfg.preview_num_steps, cfg_scale=cfg.preview_cfg_scale)
-                    if is_dit:
-                        z = ddim_sampler(ema, preview_noise, preview_labels, **common)
-                    else:
-                        z = euler_sampler(ema, preview_noise, preview_labels, heun=True, path_type=cfg.path_type, **common, **preview_kwargs)  # fmt: skip
-                    images_out = decode(z.float()).clamp(0, 1)
-                save_image(images_out.float(), run_dir / "samples" / f"{step:07d}.png", nrow=int(math.sqrt(n_preview)))
+        if previews.due(step, total_steps):  # from the EMA model
+            if is_main:
+                previews.save(ema, step, accelerator.autocast)
             accelerator.wait_for_everyone()
 
-        # ---- checkpoints: official keys + what exact resume needs ----
         if step % cfg.checkpointing_steps == 0 or step == total_steps:
             if is_main:
-                state = {
-                    "model": raw_model.state_dict(),
-                    "ema": ema.state_dict(),
-                    "opt": optimizer.state_dict(),
-                    "args": argparse.Namespace(**cfg.to_dict()),  # official field: readable by REPA's scripts
-                    "steps": step,
-                    "config": cfg.to_dict(),
-                    "model_kwargs": model_kwargs,
-                    "nonfinite_steps": int(train_step.nonfinite_steps),
-                    "data_position": position,
-                }
-                if is_t2i:  # sampling needs the null condition and the text encoder the tokens came from
-                    state["empty_context"] = empty_context.cpu()
-                    state["text_encoder"] = dataset.text_encoder
-                if accelerator.scaler is not None:
-                    state["scaler"] = accelerator.scaler.state_dict()
-                save_checkpoint(state, ckpt_dir / f"{step:07d}.pt")
-                prune_checkpoints(ckpt_dir, cfg.keep_last)
+                state = checkpoint_state(cfg, step, raw_model, ema, optimizer, accelerator.scaler, model_kwargs, train_step, position, dataset)  # fmt: skip
+                save_checkpoint(state, run_dir / "checkpoints" / f"{step:07d}.pt")
+                prune_checkpoints(run_dir / "checkpoints", cfg.keep_last)
                 if stats_path.exists():
                     save_loss_plot(stats_path, run_dir / "loss.png")
             accelerator.wait_for_everyone()

@@ -10,6 +10,10 @@ import torch
 from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
 from config import TrainConfig
+from diffusion import DiffusionLoss
+from loss import REPALoss
+from models import MODELS, T2I_MODELS, model_family
+from models.encoders import encoder_resolution, load_encoders
 
 
 def step_seed(seed: int, rank: int, position: int) -> int:
@@ -226,3 +230,33 @@ class TrainStep:
             **({"cls_loss": values["cls_loss"] / micro} if self.cfg.cls > 0 else {}),
             **({"attn_loss": values["attn_loss"] / micro} if self.cfg.attn_coeff > 0 else {}),
         }
+
+
+def alignment_encoders(cfg: TrainConfig, device, input_size: int) -> list:
+    """The frozen encoders whose tokens the model aligns with ([] for a vanilla model), at the setting whose
+    token grid equals the model's: at 256 px, 32 x 32 latents / patch 2 = 16 x 16 tokens. Deriving it from the
+    model's grid keeps that true for pixel-space runs too (the demo: 16 px / patch 4 -> 4 x 4)."""
+    if not cfg.encoder_names or not (cfg.proj_coeff > 0 or cfg.cls > 0 or cfg.attn_coeff > 0):
+        return []
+    patch = {**MODELS, **T2I_MODELS}[cfg.model].keywords["patch_size"]
+    if input_size % patch:
+        raise ValueError(f"--model {cfg.model}: patch {patch} does not divide the {input_size}px input")
+    resolution = encoder_resolution(input_size // patch)
+    return load_encoders(cfg.enc_type, device, resolution, ckpt_path=cfg.enc_ckpt or None, enc_weights=cfg.enc_weights)
+
+
+def build_loss(cfg: TrainConfig):
+    """The objective: DDPM's hybrid loss for DiT, flow matching for SiT and MMDiT; + lambda x alignment (and
+    REG's class-token and HASTE's attention terms)."""
+    if model_family(cfg.model) == "dit":
+        return DiffusionLoss(proj_coeff=cfg.proj_coeff)
+    return REPALoss(
+        path_type=cfg.path_type,
+        prediction=cfg.prediction,
+        weighting=cfg.weighting,
+        proj_coeff=cfg.proj_coeff,
+        spnorm_method=cfg.spnorm_method,
+        zscore_alpha=cfg.zscore_alpha,
+        cls_coeff=cfg.cls,
+        attn_coeff=cfg.attn_coeff,
+    )

@@ -11,7 +11,7 @@ top-1 accuracy of a linear probe on that hidden state. It writes results.json an
 
 Protocol, and where it comes from
 ---------------------------------
-Sources: REPA (Yu et al., ICLR 2025, Sec. 2-3, Fig. 2-3; REPA_FACTS.md "Measuring alignment"); the REPA
+Sources: REPA (Yu et al., ICLR 2025, Sec. 2-3, Fig. 2-3); the REPA
 authors' answer on how Fig. 2 was measured (github.com/sihyun-yu/REPA issue #24); Huh et al. 2024, "The
 Platonic Representation Hypothesis", and its code (github.com/minyoungg/platonic-rep, metrics.py and
 measure_alignment.py), from which the facts below are taken, not the code.
@@ -71,7 +71,7 @@ from dataset import ImageLatentDataset
 from diffusion import GaussianDiffusion
 from loss import Interpolant
 from models.dit import DiT
-from models.encoders import WEIGHT_CHOICES, load_encoders
+from models.encoders import WEIGHT_CHOICES, encoder_resolution, load_encoders
 from samplers import randn_like
 
 DIT_TIMESTEPS = 1000  # the DDPM process DiT trains on (diffusion.DiffusionLoss)
@@ -548,7 +548,7 @@ def main(argv=None):
     enc_type = args.enc_type or settings.get("enc_type")
     if not enc_type or enc_type == "none" or "," in enc_type:
         raise ValueError(f"--enc-type must name one encoder (the checkpoint records {settings.get('enc_type')!r})")
-    enc_resolution = 16 * (model.input_size // model.patch_size)  # as train.py: encoder grid = SiT grid
+    enc_resolution = encoder_resolution(model.input_size // model.patch_size)  # as train.py: encoder grid = SiT grid
     del model, settings
     if args.enc_weights == "random":
         warnings.warn(

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from dataset import ImageLatentDataset
 from evaluations.metrics import feature_statistics, frechet_distance
-from models.encoders import save_timm_encoder
+from models.encoders import encoder_resolution, save_timm_encoder
 from preprocessing.make_demo_data import CLASS_NAMES, make_demo_data
 
 # Each set is a demo folder generated from its own seed: `diffusion` is what the SiTs train on (the demo's
@@ -233,7 +233,7 @@ def train_nets(
     val_images, val_labels = load_images(folders["heldout"])
     from models.encoders import load_encoders
 
-    (enc,) = load_encoders(f"timm:{ENCODER_NAME}", "cpu", 16 * grid, ckpt_path=str(out / "encoder.pt"))
+    (enc,) = load_encoders(f"timm:{ENCODER_NAME}", "cpu", encoder_resolution(grid), ckpt_path=str(out / "encoder.pt"))
     record["encoder"] |= dict(enc_type=f"timm:{ENCODER_NAME}", timm_kwargs=kwargs)
     record["encoder"]["heldout_linear_probe_accuracy"] = encoder_probe_accuracy(enc, val_images, val_labels)
     evaluator = load_evaluator(out / "evaluator.pt")

@@ -61,7 +61,7 @@ from analysis.demo_domain import (  # noqa: E402
     train_nets,
 )
 from checkpoints import load_model  # noqa: E402
-from models.encoders import load_encoders  # noqa: E402
+from models.encoders import encoder_resolution, load_encoders  # noqa: E402
 from preprocessing.make_demo_data import CLASS_NAMES  # noqa: E402
 
 #################################################################################
@@ -372,7 +372,7 @@ def main(argv=None):
     real_a, real_b = heldout_images[: args.num_samples], heldout_images[args.num_samples :]
     real_feats, _ = evaluator_outputs(evaluator, real_a)
     floor = fd(real_feats, evaluator_outputs(evaluator, real_b)[0])
-    (enc,) = load_encoders(f"timm:{ENCODER_NAME}", "cpu", 16 * args.grid, ckpt_path=encoder_path)
+    (enc,) = load_encoders(f"timm:{ENCODER_NAME}", "cpu", encoder_resolution(args.grid), ckpt_path=encoder_path)
     if "reg" in args.methods:  # REG's models also take the encoder's class tokens: one encoder pass gives both
         enc_feats, enc_cls = encoder_features(enc, real_a, class_token=True)
     else:

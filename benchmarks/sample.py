@@ -57,7 +57,7 @@ def timed(run, sync):
 
 def official_comparison(args, model, net, x, y, kwargs, autocast, sync):
     """The official sampler on the official SiT (same weights) against ours: equal NFE, same samples, ratios."""
-    from benchmarks.vs_official import import_official
+    from benchmarks.harness import import_official
 
     official_sit, official_samplers = import_official(Path(args.official), ("models.sit", "samplers"))
     official = official_sit.SiT_models[args.model](

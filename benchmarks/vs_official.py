@@ -22,7 +22,6 @@ of each and prints its top K operators by self CPU time (torch.profiler): what b
 
 import argparse
 import copy
-import importlib
 import statistics
 import sys
 import time
@@ -33,29 +32,10 @@ import torch
 from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.train_step import build_step, synchronize  # noqa: E402
+from benchmarks.harness import build_step, import_official, synchronize  # noqa: E402
 from config import parse_bool  # noqa: E402
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def import_official(path: Path, names=("models.sit", "loss")):
-    """These modules of the official checkout, without clashing with this project's modules of the same names."""
-    missing = [name for name in names if not (path / (name.replace(".", "/") + ".py")).is_file()]
-    if missing:
-        raise FileNotFoundError(f"--official {path}: expected a REPA checkout with {', '.join(missing)}")
-    tops = {name.split(".")[0] for name in names}
-    clashes = lambda: [n for n in sys.modules if n.split(".")[0] in tops]  # noqa: E731
-    saved = {name: sys.modules.pop(name) for name in clashes()}
-    sys.path.insert(0, str(path))
-    try:
-        modules = [importlib.import_module(name) for name in names]
-    finally:
-        sys.path.remove(str(path))
-        for name in clashes():
-            del sys.modules[name]
-        sys.modules.update(saved)
-    return modules
 
 
 def build_official_step(args):

@@ -881,6 +881,12 @@ def build_encoder(
     return FrozenEncoder(spec, model, resolution, source).to(device)
 
 
+def encoder_resolution(grid: int) -> int:
+    """The encoders' `resolution` setting whose token grid is grid x grid: resolution / 16 per side (the
+    "256 px" setting of every encoder gives 16 x 16 tokens, as SiT-XL/2 on 32 x 32 latents has)."""
+    return 16 * grid
+
+
 def load_encoders(
     enc_type: str | None,
     device: str | torch.device,

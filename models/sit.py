@@ -540,7 +540,7 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size):
 #                                 Size registry                                 #
 #################################################################################
 
-# name -> (depth, hidden_size, num_heads); Gflops at 256 px with patch 2 in REPA_FACTS.md.
+# name -> (depth, hidden_size, num_heads), as DiT and SiT name their sizes.
 SIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 
 SiT_models = {

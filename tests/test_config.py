@@ -126,3 +126,18 @@ def test_variants_the_disk_target_cache_cannot_serve_are_refused(variant, settin
     with pytest.raises(ValueError, match=rf"'target_cache' \(cache/\) and {setting}.*drop --target-cache"):
         parse_config(["--target-cache", "cache/", *variant])
     parse_config(variant)  # each alone is fine
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "DiT-XL/2", "--cls", "0.03"], "implemented for SiT models only, not DiT-XL/2"),
+        (["--model", "MMDiT-d24/2", "--attn-coeff", "0.5"], "implemented for SiT models only, not MMDiT-d24/2"),
+        (["--model", "DiT-XL/2", "--spnorm-method", "zscore"], "'spnorm_method' .* SiT models only"),
+        (["--model", "MMDiT-d24/2", "--hflip"], "do not apply to text-to-image training"),
+        (["--model", "MMDiT-d24/2", "--target-cache", "cache/"], "do not apply to text-to-image training"),
+    ],
+)
+def test_variant_switches_that_a_model_family_lacks_are_refused_when_parsing(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config(argv)

@@ -11,8 +11,9 @@ import torch
 
 import sample_ddp
 from checkpoints import save_checkpoint
-from config import EvalRecipe, eval_recipes, load_yaml_config, model_family
+from config import EvalRecipe, eval_recipes, load_yaml_config
 from evaluations import recipes as recipes_cli
+from models import model_family
 from models.dit import DiT_models
 from models.mmdit import MMDiT
 from models.sit import SiT_models

@@ -230,7 +230,7 @@ def test_caption_dropout_replaces_tokens_by_the_empty_caption_at_cfg_prob(captio
             seen.append(y.detach().clone())
             return super().__call__(model, x, y, zs_target, generator)
 
-    monkeypatch.setattr(train, "REPALoss", RecordingLoss)
+    monkeypatch.setattr(training, "REPALoss", RecordingLoss)
     p, batch, steps = 0.3, 8, 12
     run_train(t2i_argv(captioned, tmp_path, cfg_prob=p, batch_size=batch, max_train_steps=steps, enc_type="none",
                        proj_coeff=0.0, checkpointing_steps=steps))  # fmt: skip

@@ -37,7 +37,7 @@ from tests.test_train import tiny_argv
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 NUM_ITEMS, NUM_CLASSES = 24, 4  # demo_data: 6 images per class, 4 classes
-LATENT_SCALE = 0.18215  # SD-VAE (REPA_FACTS.md)
+LATENT_SCALE = 0.18215  # SD-VAE
 
 
 #################################################################################
@@ -46,18 +46,17 @@ LATENT_SCALE = 0.18215  # SD-VAE (REPA_FACTS.md)
 
 
 # What the recorders wrap, taken once: a second recorder in the same test must not wrap the first one's wrappers.
-ORIGINAL = {
-    name: getattr(train, name)
-    for name in (
-        "DataLoader",
-        "REPALoss",
-        "DiffusionLoss",
-        "update_ema",
-        "load_encoders",
-        "euler_sampler",
-        "ddim_sampler",
-    )
+# Each is looked up where the loop calls it: train.py (data, previews) or training.py (the step, loss, encoders).
+HOMES = {
+    "DataLoader": train,
+    "REPALoss": training,
+    "DiffusionLoss": training,
+    "update_ema": training,
+    "load_encoders": training,
+    "euler_sampler": train,
+    "ddim_sampler": train,
 }
+ORIGINAL = {name: getattr(module, name) for name, module in HOMES.items()}
 
 
 def snapshot(module):
@@ -80,13 +79,15 @@ class Recorder:
         self.ema_updates = 0
         self.poison = set(poison)
         monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # the expected draws are those of the CPU generator
-        monkeypatch.setattr(train, "DataLoader", self._loader_class(ORIGINAL["DataLoader"]))
-        monkeypatch.setattr(train, "REPALoss", self._loss_class(ORIGINAL["REPALoss"]))
-        monkeypatch.setattr(train, "DiffusionLoss", self._loss_class(ORIGINAL["DiffusionLoss"]))
-        monkeypatch.setattr(train, "update_ema", self._wrap_update_ema(ORIGINAL["update_ema"]))
-        monkeypatch.setattr(train, "load_encoders", self._wrap_load_encoders(ORIGINAL["load_encoders"]))
+        monkeypatch.setattr(HOMES["DataLoader"], "DataLoader", self._loader_class(ORIGINAL["DataLoader"]))
+        monkeypatch.setattr(HOMES["REPALoss"], "REPALoss", self._loss_class(ORIGINAL["REPALoss"]))
+        monkeypatch.setattr(HOMES["DiffusionLoss"], "DiffusionLoss", self._loss_class(ORIGINAL["DiffusionLoss"]))
+        monkeypatch.setattr(HOMES["update_ema"], "update_ema", self._wrap_update_ema(ORIGINAL["update_ema"]))
+        monkeypatch.setattr(
+            HOMES["load_encoders"], "load_encoders", self._wrap_load_encoders(ORIGINAL["load_encoders"])
+        )
         for name in ("euler_sampler", "ddim_sampler"):
-            monkeypatch.setattr(train, name, self._wrap_sampler(name, ORIGINAL[name]))
+            monkeypatch.setattr(HOMES[name], name, self._wrap_sampler(name, ORIGINAL[name]))
         self.hooks = [
             register_optimizer_step_pre_hook(self._before_step),
             register_optimizer_step_post_hook(self._after_step),
