@@ -217,8 +217,8 @@ class TrainConfig:
             raise ValueError(f"config key 'spnorm_method' ({self.spnorm_method}) is implemented for SiT models only")
         if family == "mmdit" and (self.hflip or self.legacy or self.target_cache):
             raise ValueError(
-                "config keys 'hflip', 'legacy' and 'target_cache' do not apply to text-to-image training (captions say "
-                "left/right; --cache-targets keeps encoder tokens in memory instead of --target-cache)"
+                "--hflip, --legacy and --target-cache (config keys 'hflip', 'legacy', 'target_cache') do not apply to "
+                "text-to-image training (captions say left/right; --cache-targets keeps encoder tokens in memory)"
             )
         # Counts checked here, when the config is parsed, not as a ZeroDivisionError after the first step.
         positive = ("batch_size", "gradient_accumulation_steps", "log_every", "checkpointing_steps", "epochs")

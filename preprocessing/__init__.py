@@ -1,5 +1,5 @@
-"""Data preparation: ImageNet -> official REPA layout (images/ and vae-sd/), and a synthetic demo set.
+"""Data preparation: ImageNet (and MS-COCO) -> the official REPA layout (images/ and vae-sd/).
 
-`dataset_tools.py convert|encode` builds the layout, `make_demo_data.py` writes a small synthetic one,
-and `layout.py` holds the naming and storage facts that `dataset.py` reads back.
+`dataset_tools.py convert|encode` builds the layout and `layout.py` holds the naming and storage facts that
+`dataset.py` reads back; the synthetic demo set is demo/data.py's.
 """

@@ -27,7 +27,7 @@ def testdata():
 def demo_data(tmp_path_factory):
     """The synthetic demo set at 32 px: 4 classes x 6 images, pixel space (read-only for tests)."""
     out = tmp_path_factory.mktemp("data") / "demo"
-    cmd = [sys.executable, "-m", "preprocessing.make_demo_data", "--out", str(out), "--per-class", "6"]
+    cmd = [sys.executable, "-m", "demo", "data", "--out", str(out), "--per-class", "6"]
     cmd += ["--num-classes", "4", "--resolution", "32"]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     return out

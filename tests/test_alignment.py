@@ -1,4 +1,4 @@
-"""analysis/alignment.py: CKNNA against a loop-by-loop restatement of its definition, closed-form cases,
+"""evaluations/alignment.py and analysis/alignment.py: CKNNA against a loop-by-loop restatement of its definition,
 mutual k-NN on constructed neighbourhoods, the linear probe, feature extraction against a hand-run forward,
 and the CLI end to end on tiny checkpoints and demo data."""
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from analysis import alignment
-from analysis.alignment import cknna, extract_features, linear_probe, mutual_knn, split_indices
 from checkpoints import save_checkpoint
+from evaluations import alignment as measures
+from evaluations.alignment import cknna, extract_features, linear_probe, mutual_knn, split_indices
 from loss import Interpolant
 from models.dit import DiT_models
 from models.sit import SiT_models
@@ -77,7 +78,7 @@ def test_neighbours_in_chunks_are_the_brute_force_ones():
     kernel = (unit @ unit.T).fill_diagonal_(-2.0)
     expected = kernel.argsort(dim=1, descending=True)[:, :4]
     for chunk in (7, 30, 1000):  # several chunks, one exact chunk, one larger than N
-        indices, values = alignment.nearest_neighbours(unit, 4, chunk=chunk)
+        indices, values = measures.nearest_neighbours(unit, 4, chunk=chunk)
         assert torch.equal(indices, expected)
         torch.testing.assert_close(values, kernel.gather(1, expected))
 
@@ -113,7 +114,7 @@ def test_cknna_and_mutual_knn_refuse_bad_shapes_and_k():
 def test_outlier_clamp_is_the_mean_per_row_quantile():
     rows = torch.arange(1.0, 21.0).repeat(2, 1)
     rows[1, -1] = 1000.0  # one massive activation
-    clamped = alignment.clamp_outliers(rows, quantile=0.95)  # rank 19 of 20 in each row: 19 and 19
+    clamped = measures.clamp_outliers(rows, quantile=0.95)  # rank 19 of 20 in each row: 19 and 19
     assert clamped.max() == 19.0 and torch.equal(clamped[:, :19], rows[:, :19])
 
 
@@ -276,7 +277,7 @@ def test_reg_features_noise_the_class_token_and_pool_the_patches_alone():
 
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
-    from preprocessing import make_demo_data
+    from demo import data as make_demo_data
 
     out = tmp_path_factory.mktemp("data") / "demo"
     make_demo_data.main(["--out", str(out), "--per-class", "6", "--num-classes", "4", "--resolution", "32"])
@@ -335,7 +336,7 @@ def test_cli_gives_reg_checkpoints_the_encoders_class_tokens(demo_data, tmp_path
     ckpt = tmp_path / "0000100.pt"
     tiny_run_checkpoint(ckpt, 100, seed=3, cls_token_dim=384)
     encoded, passed = [], []
-    original_encoder_features, original_extract = alignment.encoder_features, alignment.extract_features
+    original_encoder_features, original_extract = measures.encoder_features, measures.extract_features
 
     def spy_encoder_features(encoder, images, class_token=False):
         tokens = encoder.encode(images, class_token=True).float()

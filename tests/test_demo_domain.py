@@ -1,4 +1,4 @@
-"""analysis/demo_domain.py: the demo domain's REPA target and evaluator, and the demo's verdict on a run."""
+"""demo/domain.py: the demo domain's REPA target and evaluator, and the demo's verdict on a run."""
 
 import json
 from pathlib import Path
@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis import demo_domain
 from checkpoints import save_checkpoint
+from demo import domain as demo_domain
+from demo.data import make_demo_data
 from models.encoders import load_encoders
 from models.sit import SiT_models
-from preprocessing.make_demo_data import make_demo_data
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -104,9 +104,9 @@ def test_make_demo_data_keeps_a_set_with_the_same_settings(tmp_path):
 
 
 def test_the_committed_networks_are_what_nets_json_says(tmp_path):
-    """analysis/demo_nets (the demo's REPA target and judge): they load through the same paths as a run and
+    """demo/nets (the demo's REPA target and judge): they load through the same paths as a run and
     the evaluator still classifies freshly generated images (another seed) about as well as recorded."""
-    nets = Path(__file__).resolve().parents[1] / "analysis" / "demo_nets"
+    nets = Path(__file__).resolve().parents[1] / "demo" / "nets"
     record = json.loads((nets / "nets.json").read_text())
     assert record["resolution"] == 16 and record["grid"] == 4
     assert record["evaluator"]["heldout_accuracy"] > 0.9 and record["encoder"]["heldout_linear_probe_accuracy"] > 0.7

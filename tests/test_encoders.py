@@ -671,7 +671,7 @@ def demo_data(tmp_path_factory):
     from tests.test_train import ROOT
 
     out = tmp_path_factory.mktemp("data") / "demo"
-    cmd = [sys.executable, "-m", "preprocessing.make_demo_data", "--out", str(out), "--per-class", "2"]
+    cmd = [sys.executable, "-m", "demo", "data", "--out", str(out), "--per-class", "2"]
     subprocess.run(cmd + ["--num-classes", "4", "--resolution", "32"], cwd=ROOT, check=True, capture_output=True)
     return out
 

@@ -1,4 +1,4 @@
-"""benchmarks/repa_miniature.py: each method is train.py flags on the same run, and a tiny run of all of them
+"""demo/miniature.py: each method is train.py flags on the same run, and a tiny run of all of them
 goes end to end (training, REG's joint sampling, CKNNA, per-method summary, table and figures)."""
 
 import json
@@ -12,8 +12,7 @@ from checkpoints import load_checkpoint
 from config import parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import repa_miniature  # noqa: E402
+from demo import miniature as repa_miniature  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -103,7 +102,7 @@ def test_a_tiny_run_of_every_method_goes_end_to_end(tmp_path, monkeypatch):
 
     monkeypatch.setattr(repa_miniature, "train_runs", train_in_process)
     nets = tmp_path / "nets"  # the committed 16 px networks, copied: the run writes its records there
-    shutil.copytree(ROOT / "analysis" / "demo_nets", nets, ignore=shutil.ignore_patterns("data"))
+    shutil.copytree(ROOT / "demo" / "nets", nets, ignore=shutil.ignore_patterns("data"))
     out = tmp_path / "out"
     methods = ["vanilla", "repa", "irepa", "reg", "haste"]
     repa_miniature.main(

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from dataset import ImageLatentDataset
-from preprocessing import dataset_tools, layout, make_demo_data
+from demo import data as make_demo_data
+from preprocessing import dataset_tools, layout
 from preprocessing.dataset_tools import adm_resize_plan, center_crop_adm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,7 +229,7 @@ def test_convert_refuses_a_resolution_not_divisible_by_8_before_writing(converte
 
 def test_cli_errors_are_one_line_exits(tmp_path, monkeypatch):
     # Library functions raise ordinary exceptions; only `python preprocessing/dataset_tools.py` and
-    # `python -m preprocessing.make_demo_data` turn them into a one-line exit.
+    # `python -m demo data` turn them into a one-line exit.
     (tmp_path / "empty").mkdir()
     script = ROOT / "preprocessing" / "dataset_tools.py"
     monkeypatch.setattr(
@@ -238,10 +239,9 @@ def test_cli_errors_are_one_line_exits(tmp_path, monkeypatch):
         runpy.run_path(str(script), run_name="__main__")
     assert info.value.code == f"error: {tmp_path / 'empty'}: no image files found"
     (tmp_path / "real" / "images").mkdir(parents=True)
-    script = ROOT / "preprocessing" / "make_demo_data.py"
-    monkeypatch.setattr(sys, "argv", [str(script), "--out", str(tmp_path / "real"), "--per-class=1"])
+    monkeypatch.setattr(sys, "argv", ["demo", "data", "--out", str(tmp_path / "real"), "--per-class=1"])
     with pytest.raises(SystemExit) as info:
-        runpy.run_path(str(script), run_name="__main__")
+        runpy.run_module("demo", run_name="__main__")
     assert (
         info.value.code
         == f"error: {tmp_path / 'real' / 'images'} exists and is not a demo set; refusing to overwrite it"

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import sample_ddp
 from checkpoints import save_checkpoint
 from config import eval_recipes
@@ -62,7 +63,7 @@ def test_official_checkpoint_builds(tmp_path, testdata):
     ckpt["args"] = argparse.Namespace(model="SiT-B/2", encoder_depth=2)  # heads come from the name...
     save_checkpoint(ckpt, tmp_path / "official.pt")
     # ...so a tiny reference (4 heads) needs its own head count: check the rest is read off the weights.
-    kwargs = sample_ddp.sit_kwargs_from_state_dict(ref["state_dict"])
+    kwargs = checkpoints.sit_kwargs_from_state_dict(ref["state_dict"])
     expected = {k: ref["config"][k] for k in ("input_size", "patch_size", "in_channels", "hidden_size", "depth")}
     assert {k: kwargs[k] for k in expected} == expected
     assert kwargs["num_classes"] == 10 and kwargs["z_dims"] == [32] and kwargs["projector_dim"] == 128

@@ -16,14 +16,13 @@ import pytest
 import torch
 
 import sample_ddp
-import train
 import training
 from checkpoints import load_checkpoint, save_checkpoint
 from dataset import CaptionedDataset, ResumableSampler, caption_choice
+from demo.data import make_captioned_demo_data
 from models.text_encoder import MAX_LENGTH, HashTokenizer, TextEncoderNotFoundError, load_text_encoder
 from models.vae import encode_mean_logvar
 from preprocessing import dataset_tools, layout
-from preprocessing.make_demo_data import make_captioned_demo_data
 from tests.test_train import run_train
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.filterwarnings("ignore:RANDOM")]
@@ -225,7 +224,7 @@ def test_caption_dropout_replaces_tokens_by_the_empty_caption_at_cfg_prob(captio
     reseeding from step_seed(seed, rank, position); the rest are the drawn caption's tokens."""
     seen = []
 
-    class RecordingLoss(train.REPALoss):
+    class RecordingLoss(training.REPALoss):
         def __call__(self, model, x, y, zs_target=(), generator=None):
             seen.append(y.detach().clone())
             return super().__call__(model, x, y, zs_target, generator)

@@ -139,7 +139,7 @@ def test_latent_pipeline_train_then_sample_with_the_vae(tmp_path, tiny_vae):
     # sampled, scaled latents -> previews and sample_ddp decode through the same VAE.
     vae_path, _ = tiny_vae
     data = tmp_path / "latent-data"
-    cmd = [sys.executable, "-m", "preprocessing.make_demo_data", "--out", str(data), "--per-class", "3"]
+    cmd = [sys.executable, "-m", "demo", "data", "--out", str(data), "--per-class", "3"]
     subprocess.run(cmd + ["--num-classes", "4", "--vae", vae_path], cwd=ROOT, check=True, capture_output=True)
     argv = tiny_argv(data, tmp_path, model="SiT-S/2", pixel_space=False, vae=vae_path, max_train_steps=2)
     run_train(argv + ["--sampling-steps", "2", "--checkpointing-steps", "2", "--preview-num-steps", "2"])

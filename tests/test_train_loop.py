@@ -724,7 +724,7 @@ def smaller_demo(tmp_path_factory):
     import sys
 
     out = tmp_path_factory.mktemp("smaller") / "demo"
-    cmd = [sys.executable, "-m", "preprocessing.make_demo_data", "--out", str(out), "--per-class", "5"]
+    cmd = [sys.executable, "-m", "demo", "data", "--out", str(out), "--per-class", "5"]
     subprocess.run(
         [*cmd, "--num-classes", "4", "--resolution", "32"], cwd=train.Path(train.__file__).parent, check=True
     )

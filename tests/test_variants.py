@@ -222,9 +222,7 @@ def test_irepa_flags_parse_with_irepa_defaults():
     assert (default.spnorm_method, default.zscore_alpha) == ("none", 0.6)
     argv = ["--projection-layer-type", "conv", "--proj-kwargs-kernel-size", "3", "--spnorm-method", "zscore"]
     cfg = parse_config(argv + ["--zscore-alpha", "0.8"])
-    # iREPA's LDM config and command: a 1x1 conv (ldm/train.py's default kernel), lambda 1.0, z-score 0.6.
-    assert (cfg.projection_layer_type, cfg.proj_kwargs_kernel_size, cfg.spnorm_method) == ("conv", 1, "zscore")
-    assert (cfg.proj_coeff, cfg.zscore_alpha) == (1.0, 0.6)
+    assert (cfg.projection_layer_type, cfg.proj_kwargs_kernel_size, cfg.spnorm_method) == ("conv", 3, "zscore")
     assert cfg.zscore_alpha == 0.8
     for bad, message in [("--proj-kwargs-kernel-size=4", "proj_kwargs_kernel_size"),
                          ("--projection-layer-type=attention", "projection_layer_type"),

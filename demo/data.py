@@ -1,7 +1,7 @@
 """A small synthetic labelled image set in the official layout, for the demo run and tests; no download.
 
-    python -m preprocessing.make_demo_data --out data/demo            # 4000 images, 10 classes, 32 px
-    python -m preprocessing.make_demo_data --out data/demo --vae DIR  # also vae-sd/ (via `encode`)
+    python -m demo data --out data/demo            # 4000 images, 10 classes, 32 px
+    python -m demo data --out data/demo --vae DIR  # also vae-sd/ (via `encode`)
 
 Ten classes of coloured shapes and textures (disk, square, triangle, ring, cross, horizontal, vertical
 and diagonal stripes, checkerboard, dots). Colours, position, size, rotation, period and phase are
@@ -10,7 +10,7 @@ and the options. Written as DIR/images/ (00000/img00000000.png ..., dataset.json
 class names), exactly what `dataset_tools.py convert` writes, so dataset.py reads it in pixel space;
 an SD-VAE turns 32 px into 4 x 4 latents, so `--vae` exists to exercise the latent path, not to train.
 
-    python -m preprocessing.make_demo_data --out data/demo_t2i --captions   # the text-to-image demo set
+    python -m demo data --out data/demo_t2i --captions   # the text-to-image demo set
 
 `--captions` writes the captioned variant in the MS-COCO feature layout instead (train/ and val/ with
 {i}.png and {i}_{k}.npy, empty_context.npy; see preprocessing/layout.py), pixel space (no {i}.npy moments).
@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
@@ -204,7 +203,9 @@ def make_captioned_demo_data(
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m demo data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="data/demo", help="data folder; images/ (and vae-sd/) go inside")
     parser.add_argument("--per-class", type=int, default=400, help="images per class")
     parser.add_argument("--num-classes", type=int, default=10, help=f"at most {len(CLASS_NAMES)}")
@@ -243,10 +244,3 @@ def main(argv=None):
         dataset_tools.main(
             ["encode", f"--source={args.out}/images", f"--dest={vae_dir}", f"--vae={args.vae}", "--workers=0"]
         )
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as err:  # one line, no traceback
-        sys.exit(f"error: {err}")

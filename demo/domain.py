@@ -1,10 +1,10 @@
 """Networks of the embedded demo domain, trained here on generated data: the REPA target and the judge.
 
-    python -m analysis.demo_domain train --out analysis/demo_nets      # what made the committed networks
-    python -m analysis.demo_domain evaluate --ckpt demo_out/demo/checkpoints/0003000.pt --cfg-scale 4
+    python -m demo nets --out demo/nets      # what made the committed networks
+    python -m demo evaluate --ckpt demo_out/demo/checkpoints/0003000.pt --cfg-scale 4
 
 Pretrained encoders cannot be downloaded for the demo domain (10 classes of generated shapes and textures,
-preprocessing/make_demo_data.py), so the demo and the miniature (benchmarks/repa_miniature.py) train their
+demo/data.py), so the demo and the miniature (demo/miniature.py) train their
 own, each from its own generated set (`SPLIT_SEEDS`), disjoint from what the diffusion model trains on:
 - **the REPA target encoder**: a small timm ViT with the SiT's token grid, trained with labels (its final
   patch tokens, averaged, feed a linear classifier) and saved with models.encoders.save_timm_encoder, so a
@@ -22,7 +22,6 @@ the real-vs-real floor of that FD, plus a PNG grid (one row per class).
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -32,16 +31,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dataset import ImageLatentDataset
+from demo.data import CLASS_NAMES, make_demo_data
 from evaluations.metrics import feature_statistics, frechet_distance
 from models.encoders import encoder_resolution, save_timm_encoder
-from preprocessing.make_demo_data import CLASS_NAMES, make_demo_data
 
 # Each set is a demo folder generated from its own seed: `diffusion` is what the SiTs train on (the demo's
 # data/demo uses seed 0, a fifth set), `encoder` what the REPA target trains on, `evaluator` what the
 # evaluator trains on, `heldout` the real images that only evaluation sees.
 SPLIT_SEEDS = {"diffusion": 101, "encoder": 102, "evaluator": 103, "heldout": 104}
-# The recipe of the committed analysis/demo_nets (nets.json): training images per class and epochs of each net;
-# the defaults of `train` here and of benchmarks/repa_miniature.py.
+# The recipe of the committed demo/nets (nets.json): training images per class and epochs of each net;
+# the defaults of `train` here and of demo/miniature.py.
 TRAIN_PER_CLASS = 1000
 ENCODER_EPOCHS, EVALUATOR_EPOCHS = 24, 20
 ENCODER_NAME = "vit_tiny_patch16_224"  # a timm ViT, narrowed by ENCODER_WIDTH / ENCODER_DEPTH
@@ -196,7 +195,7 @@ def fd(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
 
 def encoder_probe_accuracy(encoder, images, labels) -> float:
     """A linear probe of the encoder's averaged target tokens: fitted on the even items, scored on the odd."""
-    from analysis.alignment import encoder_features, linear_probe
+    from evaluations.alignment import encoder_features, linear_probe
 
     feats = encoder_features(encoder, images)
     return linear_probe(feats[0::2], labels[0::2], feats[1::2], labels[1::2])
@@ -324,10 +323,12 @@ def judge(ckpt: Path, nets: Path, num_samples: int, num_steps: int, cfg_scale: f
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train the encoder and the evaluator (each skipped if its file exists)")
-    t.add_argument("--out", default="analysis/demo_nets")
+    t = sub.add_parser("nets", help="train the encoder and the evaluator (each skipped if its file exists)")
+    t.add_argument("--out", default="demo/nets")
     t.add_argument("--resolution", type=int, default=16)
     t.add_argument("--grid", type=int, default=4, help="token grid of the encoder (= the SiT's)")
     t.add_argument("--per-class", type=int, default=TRAIN_PER_CLASS, help="training images per class of the encoder")
@@ -338,14 +339,14 @@ def main(argv=None):
     t.add_argument("--evaluator-epochs", type=int, default=EVALUATOR_EPOCHS)
     e = sub.add_parser("evaluate", help="sample a checkpoint and print the evaluator's verdict")
     e.add_argument("--ckpt", required=True)
-    e.add_argument("--nets", default="analysis/demo_nets", help="folder of nets.json, evaluator.pt")
+    e.add_argument("--nets", default="demo/nets", help="folder of nets.json, evaluator.pt")
     e.add_argument("--num-samples", type=int, default=500)
     e.add_argument("--num-steps", type=int, default=20, help="Heun ODE steps")
     e.add_argument("--cfg-scale", type=float, default=1.0)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", default=None, help="JSON and a grid PNG go here (default: beside the checkpoint)")
     args = p.parse_args(argv)
-    if args.command == "train":
+    if args.command == "nets":
         record = train_nets(
             Path(args.out),
             args.resolution,
@@ -371,10 +372,3 @@ def main(argv=None):
         f"FD {result['fd']:.2f} (real vs real {result['real_vs_real_fd']:.2f}); {result['sampler']}; "
         f"grid {out / 'evaluation_samples.png'}"
     )
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")

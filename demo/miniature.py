@@ -1,21 +1,21 @@
 """REPA and its variants vs vanilla in miniature, on the CPU: does aligning to a real representation speed up
 training?
 
-    python benchmarks/repa_miniature.py --out miniature_out              # 3 seeds, vanilla and REPA (docs/miniature.md)
-    python benchmarks/repa_miniature.py --out miniature_out --methods vanilla repa irepa reg haste
-    python benchmarks/repa_miniature.py --out /tmp/mini --seeds 0 --steps 400 --eval-every 200   # a smoke run
+    python -m demo miniature --out miniature_out              # 3 seeds, vanilla and REPA (docs/miniature.md)
+    python -m demo miniature --out miniature_out --methods vanilla repa irepa reg haste
+    python -m demo miniature --out /tmp/mini --seeds 0 --steps 400 --eval-every 200   # a smoke run
 
 What it does, end to end, with nothing downloaded (every network here is trained by this project):
-1. Data: disjoint sets of the embedded demo domain (preprocessing/make_demo_data.py, 10 classes of shapes
-   and textures), each from its own seed (analysis/demo_domain.py, SPLIT_SEEDS): `diffusion` (what the
+1. Data: disjoint sets of the embedded demo domain (demo/data.py, 10 classes of shapes
+   and textures), each from its own seed (demo/domain.py, SPLIT_SEEDS): `diffusion` (what the
    SiTs train on), `encoder`, `evaluator` and `heldout` (real images that only the evaluation sees).
 2. The REPA target: a small timm ViT trained with labels on the `encoder` set, used through
    `--enc-type timm:vit_tiny_patch16_224 --enc-ckpt FILE`, the registry path any user takes.
 3. The evaluator: a small CNN (another architecture, another seed, other data). Its penultimate features
    give a Frechet distance (FD) between generated and held-out real images, and its classifier says whether
    a sample shows its conditioning label.
-   Both networks come from analysis/demo_domain.py: trained into --out, or read from --nets (e.g. the
-   committed analysis/demo_nets, which the demo uses too).
+   Both networks come from demo/domain.py: trained into --out, or read from --nets (e.g. the
+   committed demo/nets, which the demo uses too).
 4. For each seed, every method in --methods trains through train.py with the same config, seed, data order,
    model, optimiser, budget and encoder; a method is only the train.py flags of METHODS (below) added to
    them. The runs go through a queue of --jobs processes side by side (one thread each, so none gets more
@@ -23,7 +23,7 @@ What it does, end to end, with nothing downloaded (every network here is trained
 5. Every --eval-every steps: --num-samples EMA samples (class-balanced labels, the same image noise for
    every method, Heun ODE; REG models integrate their class token jointly, as REG samples), their FD to
    --num-samples held-out real images, their label accuracy, and the CKNNA of the aligned block against the
-   encoder (analysis/alignment.py) on the held-out images.
+   encoder (evaluations/alignment.py) on the held-out images.
 6. results.json, table.md, fd_vs_steps.png (mean and spread over seeds), cknna_vs_steps.png,
    accuracy_vs_steps.png and samples_final.png (one panel per method, one row per class), and for each
    method the first step at which it reaches vanilla's final FD (linear interpolation between evaluations),
@@ -44,11 +44,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from analysis.alignment import cknna, encoder_features, extract_features  # noqa: E402
-from analysis.demo_domain import (  # noqa: E402
+from checkpoints import load_model
+from demo.data import CLASS_NAMES
+from demo.domain import (
     ENCODER_EPOCHS,
     ENCODER_NAME,
     EVALUATOR_EPOCHS,
@@ -60,9 +58,10 @@ from analysis.demo_domain import (  # noqa: E402
     make_splits,
     train_nets,
 )
-from checkpoints import load_model  # noqa: E402
-from models.encoders import encoder_resolution, load_encoders  # noqa: E402
-from preprocessing.make_demo_data import CLASS_NAMES  # noqa: E402
+from evaluations.alignment import cknna, encoder_features, extract_features
+from models.encoders import encoder_resolution, load_encoders
+
+ROOT = Path(__file__).resolve().parents[1]
 
 #################################################################################
 #                              Training (train.py)                              #
@@ -317,7 +316,9 @@ def table(results: dict) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m demo miniature", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="miniature_out")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=["vanilla", "repa"], choices=METHODS, help="methods compared")
@@ -342,8 +343,8 @@ def main(argv=None):
     p.add_argument(
         "--nets",
         default=None,
-        help="folder with the encoder and evaluator (analysis/demo_domain.py "
-        "train; e.g. analysis/demo_nets); default: train them into --out",
+        help="folder with the encoder and evaluator (demo/domain.py "
+        "train; e.g. demo/nets); default: train them into --out",
     )
     p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[], help="more train.py flags (last)")
     args = p.parse_args(argv)
@@ -401,7 +402,3 @@ def main(argv=None):
     print(json.dumps(results["summary"], indent=2, default=float))
     print(table(results))
     print(f"wrote {out}/results.json and plots in {results['seconds'] / 60:.1f} min; classes: {CLASS_NAMES}")
-
-
-if __name__ == "__main__":
-    main()
