@@ -15,7 +15,13 @@ from pathlib import Path
 
 import yaml
 
+from loss import PATH_TYPES, SPNORM_METHODS, WEIGHTINGS
 from models import model_family
+from models.sit import PROJECTOR_TYPES
+
+# Sampling modes per model family: flow-matching SiTs and MMDiTs integrate the ODE or the SDE; DDPM-trained
+# DiTs run ancestral DDPM or DDIM (sample_ddp.py's --mode, the recipes' `mode`).
+SAMPLING_MODES = {"sit": ("ode", "sde"), "mmdit": ("ode", "sde"), "dit": ("ddpm", "ddim")}
 
 # HASTE's attention pairing (SiT block:encoder block, 1-based) for its main run (NUS-HPC-AI-Lab/HASTE). Its README
 # and train.sh give --attn-coeff 0.5, --proj-coeff 0.5, --encoder-depth 8, --early-stop-point 250000, DINOv2-B.
@@ -53,7 +59,7 @@ class EvalRecipe:
     SAMPLING_KEYS += ("num_fid_samples", "labels", "use_ema", "quantization")  # = sample_ddp.py's flags
 
     def __post_init__(self):
-        choices = {"mode": ("sde", "ode", "ddpm", "ddim"), "labels": ("random", "balanced")}
+        choices = {"mode": ("sde", "ode", "ddpm", "ddim"), "labels": ("random", "balanced")}  # per family: below
         choices["quantization"] = ("repa", "dit")
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -100,7 +106,7 @@ def eval_recipes(model: str, overrides: dict | None, source: str = "config") -> 
             recipe = recipes[str(name)] = EvalRecipe(**{**base, **keys})
         except ValueError as err:
             raise ValueError(f"{source}: eval recipe {name!r}: {err}") from err
-        modes = ("ddpm", "ddim") if family == "dit" else ("sde", "ode")
+        modes = SAMPLING_MODES[family]
         if recipe.mode not in modes:
             raise ValueError(
                 f"{source}: eval recipe {name!r}: mode {recipe.mode} does not apply to {model}; use {modes}"
@@ -197,12 +203,12 @@ class TrainConfig:
     def __post_init__(self):
         choices = {
             "report_to": ("none", "tensorboard", "wandb"),
-            "path_type": ("linear", "cosine"),
+            "path_type": PATH_TYPES,
             "prediction": ("v",),
-            "weighting": ("uniform", "lognormal"),
+            "weighting": WEIGHTINGS,
             "enc_weights": ("pretrained", "random"),
-            "projection_layer_type": ("mlp", "linear", "conv"),
-            "spnorm_method": ("none", "zscore"),
+            "projection_layer_type": PROJECTOR_TYPES,
+            "spnorm_method": SPNORM_METHODS,
             "mixed_precision": ("no", "fp16", "bf16"),
         }
         for key, allowed in choices.items():

@@ -184,11 +184,6 @@ class REPALoss:
             raise ValueError(f"attn_coeff (HASTE's --attn-coeff) must be >= 0, got {self.attn_coeff}")
         if self.cls_coeff < 0:
             raise ValueError(f"cls_coeff (REG's --cls) must be >= 0, got {self.cls_coeff}")
-        if self.cls_coeff > 0 and self.spnorm_method != "none":
-            raise ValueError(
-                "REG (cls_coeff > 0) aligns [class token; patch tokens]; iREPA's spatial z-score is defined over "
-                "the patch grid only, so the two are not combined"
-            )
         self.interpolant = Interpolant(self.path_type)
         sample_time(1, self.weighting, self.path_type)  # validates weighting early
 

@@ -57,7 +57,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoints import checkpoint_settings, load_checkpoint, load_model
-from config import EvalRecipe, eval_recipes, load_yaml_config, parse_bool
+from config import SAMPLING_MODES, EvalRecipe, eval_recipes, load_yaml_config, parse_bool
 from dataset import CaptionedDataset, caption_choice, load_npy
 from diffusion import ddim_sampler, ddpm_sampler
 from evaluations.clip_score import CLIP_L14, clip_score, load_clip
@@ -71,8 +71,7 @@ from models.vae import latent_decoder, load_vae, resolve_vae_name
 from preprocessing import layout
 from samplers import euler_maruyama_sampler, euler_sampler
 
-# Sampling modes: flow-matching SiTs integrate the ODE or SDE; DDPM-trained DiTs run ancestral DDPM or DDIM.
-SIT_MODES, DIT_MODES = ("ode", "sde"), ("ddpm", "ddim")
+# The sampler of each mode (config.SAMPLING_MODES says which modes a model family takes).
 SAMPLERS = {"sde": euler_maruyama_sampler, "ode": euler_sampler, "ddpm": ddpm_sampler, "ddim": ddim_sampler}
 MANIFEST = "manifest.json"
 
@@ -448,7 +447,10 @@ def build_parser():
     p.add_argument("--batch-size", "--per-proc-batch-size", type=positive_int, default=64, help="images per batch")
     p.add_argument("--global-seed", type=int, default=0)
     p.add_argument(
-        "--mode", choices=SIT_MODES + DIT_MODES, default=None, help="default: sde (SiT), ddpm (DiT), ode (MMDiT)"
+        "--mode",
+        choices=sorted({m for modes in SAMPLING_MODES.values() for m in modes}),
+        default=None,
+        help="default: sde (SiT), ddpm (DiT), ode (MMDiT)",
     )
     # Text-to-image (MMDiT) checkpoints: where the captions come from.
     p.add_argument("--coco-dir", default=None, help="COCO-layout data root: sample from its val captions (official)")
@@ -544,10 +546,9 @@ def main(argv=None):
         check_official_flags(args, model, training["pixel_space"])
         if not args.num_fid_samples:
             raise ValueError(f"recipe {args.recipe!r}: num_fid_samples 0 (all captions) applies to MMDiT only")
-    if args.mode not in (DIT_MODES if is_dit else SIT_MODES):
-        raise ValueError(
-            f"--mode {args.mode} does not apply to {settings['model']}; use one of {DIT_MODES if is_dit else SIT_MODES}"
-        )
+    modes = SAMPLING_MODES[model_family(settings["model"])]
+    if args.mode not in modes:
+        raise ValueError(f"--mode {args.mode} does not apply to {settings['model']}; use one of {modes}")
     if args.heun and args.mode != "ode":
         raise ValueError(f"--heun applies to --mode ode only, not --mode {args.mode}")
     if args.ddim_eta and args.mode != "ddim":

@@ -567,9 +567,7 @@ def test_reg_loss_equals_a_direct_restatement():
     torch.testing.assert_close(terms.proj, proj)
     torch.testing.assert_close(terms.total, denoising.mean() + 0.5 * proj + 0.03 * cls_loss.mean())
     assert cls_loss.min() > 1e-3 and zs[0].shape == (2, 17, 6)
-    # REG and iREPA's z-score are not combined; a negative weight is refused.
-    with pytest.raises(ValueError, match="z-score"):
-        REPALoss(cls_coeff=0.03, spnorm_method="zscore")
+    # A negative weight is refused (REG with iREPA's z-score is config.py's rule: test_reg_config_and_flag_checks).
     with pytest.raises(ValueError, match="cls_coeff"):
         REPALoss(cls_coeff=-1.0)
 
