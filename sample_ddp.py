@@ -59,20 +59,24 @@ from tqdm import tqdm
 from checkpoints import checkpoint_settings, load_checkpoint, load_model
 from config import SAMPLING_MODES, EvalRecipe, eval_recipes, load_yaml_config, parse_bool
 from dataset import CaptionedDataset, caption_choice, load_npy
-from diffusion import ddim_sampler, ddpm_sampler
 from evaluations.clip_score import CLIP_L14, clip_score, load_clip
 from evaluations.evaluate import check_pipelines, describe_protocol
 from evaluations.evaluate import main as evaluate_main
+from evaluations.protocol import (
+    QUANTIZATIONS,
+    SAMPLERS,
+    generate,
+    is_stochastic,
+    load_decoder,
+    sample_labels,
+)
 from models import model_family
 from models.dit import DiT
 from models.mmdit import MMDiT
 from models.text_encoder import load_text_encoder
-from models.vae import latent_decoder, load_vae, resolve_vae_name
+from models.vae import resolve_vae_name
 from preprocessing import layout
-from samplers import euler_maruyama_sampler, euler_sampler
 
-# The sampler of each mode (config.SAMPLING_MODES says which modes a model family takes).
-SAMPLERS = {"sde": euler_maruyama_sampler, "ode": euler_sampler, "ddpm": ddpm_sampler, "ddim": ddim_sampler}
 MANIFEST = "manifest.json"
 
 
@@ -127,34 +131,8 @@ def check_official_flags(args, model, pixel_space):
 
 
 #################################################################################
-#                         Labels, noise, images                                 #
+#                         Sample files                                          #
 #################################################################################
-
-
-def sample_labels(num_samples, num_classes, seed, balanced=False):
-    """Labels of samples 0..N-1 from (seed, N) only: uniform at random (the official protocol), or balanced
-    (each class N / C times, in seeded order)."""
-    rng = np.random.default_rng([seed, 0x1ABE1])
-    if balanced:
-        return rng.permutation(np.arange(num_samples) % num_classes)
-    return rng.integers(0, num_classes, size=num_samples)
-
-
-def sample_generator(seed, index, device):
-    """The generator of sample `index`: its initial noise and SDE noise depend on (seed, index) only."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
-
-
-# [-1, 1] float images -> [0, 255] floats, truncated to uint8 afterwards.
-QUANTIZATIONS = {
-    "repa": lambda x: torch.clamp(255.0 * ((x + 1) / 2), 0, 255),  # the official REPA generate.py
-    "dit": lambda x: torch.clamp(127.5 * x + 128.0, 0, 255),  # DiT's sample_ddp.py: one level higher on ~45%
-}
-
-
-def quantize(images, method="repa"):
-    """[-1, 1] float images (N, 3, H, W) -> uint8 (N, H, W, 3), truncating like both official scripts."""
-    return QUANTIZATIONS[method](images).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
 
 
 def png_path(sample_dir: Path, index: int) -> Path:
@@ -176,13 +154,6 @@ def save_npz(path: Path, **arrays):
             with zf.open(info, "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
     os.replace(tmp, path)
-
-
-def load_decoder(training, device):
-    """Model output -> images in [-1, 1]: identity for pixel-space models, else the run's VAE decoder."""
-    if training["pixel_space"]:
-        return lambda x: x.float()
-    return latent_decoder(load_vae(training["vae"], device), training["latent_scale"], training["latent_bias"])
 
 
 class CaptionConditions:
@@ -275,7 +246,6 @@ class CaptionConditions:
 #################################################################################
 
 
-# Recorded in manifest.json for people; not compared (the weights digest identifies the model).
 def checkpoint_recipes(args, ckpt, settings: dict) -> tuple[dict[str, EvalRecipe], str]:
     """(recipes, where they come from): --recipes-from FILE.yaml, else the config saved in the checkpoint
     (train.py saves its `eval:` section), else the model family's protocol alone (official checkpoints)."""
@@ -308,6 +278,7 @@ def apply_recipe(args, recipes: dict[str, EvalRecipe], source: str) -> EvalRecip
     return recipe
 
 
+# Recorded in manifest.json for people; not compared (the weights digest identifies the model).
 INFORMATIONAL = ("checkpoint", "recipe")  # recorded, but not what decides the pixels
 
 
@@ -603,7 +574,7 @@ def main(argv=None):
         kwargs["cls_cfg_scale"] = args.cls_cfg_scale
     if args.mode == "ddim":
         kwargs["eta"] = args.ddim_eta
-    stochastic = args.mode in ("sde", "ddpm") or (args.mode == "ddim" and args.ddim_eta > 0)
+    stochastic = is_stochastic(args.mode, args.ddim_eta)
     shape = (model.in_channels, model.input_size, model.input_size)
     nfe = count_nfe(sampler, model, shape, kwargs, stochastic, conditions.null[None] if is_t2i else None)
     net = model
@@ -628,18 +599,14 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     start = time.time()
     for indices in tqdm(todo, disable=rank != 0, desc="sampling", dynamic_ncols=True):
-        gens = [sample_generator(args.global_seed, i, device) for i in indices]
-        noise = torch.stack([torch.randn(shape, generator=g, device=device) for g in gens])
-        extra = {"generator": gens} if stochastic else {}
-        if cls_token_dim:  # REG: the class token's initial noise, drawn right after the image's
-            extra["cls_latents"] = torch.stack([torch.randn(cls_token_dim, generator=g, device=device) for g in gens])
         if is_t2i:
             y = conditions.tokens(labels_all[indices.start : indices.stop])  # (B, L, D)
         else:
             y = torch.from_numpy(labels_all[indices.start : indices.stop]).to(device)
-        with torch.no_grad(), autocast:
-            z = sampler(net, noise, y, **kwargs, **extra)
-            images = quantize(decode(z.float()), args.quantization)
+        images = generate(
+            net, indices, y, seed=args.global_seed, mode=args.mode, sampler_kwargs=kwargs, decode=decode,
+            quantization=args.quantization, stochastic=stochastic, autocast=autocast,
+        )  # fmt: skip
         for i, array in zip(indices, images):
             write_png(array, png_path(sample_dir, i))
     elapsed = time.time() - start

@@ -16,6 +16,7 @@ import checkpoints
 import sample_ddp
 from checkpoints import save_checkpoint
 from config import eval_recipes
+from evaluations import protocol
 from models.sit import SiT_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,21 +78,21 @@ def default_args(model="SiT-XL/2"):
 
 
 def test_labels_are_random_by_default_balanced_on_request_and_seeded():
-    random = sample_ddp.sample_labels(50_000, 1000, seed=0)  # the official generate.py: randint(0, C)
+    random = protocol.sample_labels(50_000, 1000, seed=0)  # the official generate.py: randint(0, C)
     assert np.bincount(random, minlength=1000).std() > 3  # uniformly random: counts vary
     assert random.min() == 0 and random.max() == 999
-    labels = sample_ddp.sample_labels(50_000, 1000, seed=0, balanced=True)
+    labels = protocol.sample_labels(50_000, 1000, seed=0, balanced=True)
     assert np.bincount(labels, minlength=1000).tolist() == [50] * 1000
-    assert not np.array_equal(labels, sample_ddp.sample_labels(50_000, 1000, seed=1, balanced=True))
+    assert not np.array_equal(labels, protocol.sample_labels(50_000, 1000, seed=1, balanced=True))
     assert default_args().labels == "random"
 
 
 def test_quantisation_is_repa_by_default_and_dit_on_request():
     x = torch.tensor([-1.0, -0.999, 0.0, 0.996, 1.0, 0.5]).view(1, 1, 1, 6).expand(1, 3, 1, 6)
     # REPA's generate.py: uint8(clamp(255 * (x + 1) / 2)), truncated: 0.0 -> 127.5 -> 127
-    assert sample_ddp.quantize(x)[0, 0, :, 0].tolist() == [0, 0, 127, 254, 255, 191]
+    assert protocol.quantize(x)[0, 0, :, 0].tolist() == [0, 0, 127, 254, 255, 191]
     # DiT's: uint8(clamp(127.5 x + 128)): 0.0 -> 128, 0.5 -> 191.75 -> 191
-    assert sample_ddp.quantize(x, "dit")[0, 0, :, 0].tolist() == [0, 0, 128, 254, 255, 191]
+    assert protocol.quantize(x, "dit")[0, 0, :, 0].tolist() == [0, 0, 128, 254, 255, 191]
     assert default_args().quantization == "repa"
 
 
@@ -197,7 +198,7 @@ def direct_samples(state_dict, argv_settings, model_cls=None, model_kwargs=TINY_
     model = (model_cls or SiT_models["SiT-S/8"])(**model_kwargs).eval()
     model.load_state_dict(state_dict)
     n, bs, seed = 10, 3, 7
-    labels = sample_ddp.sample_labels(n, model.num_classes, seed, balanced=o["labels"] == "balanced")
+    labels = protocol.sample_labels(n, model.num_classes, seed, balanced=o["labels"] == "balanced")
     out = []
     for start in range(0, n, bs):
         idx = range(start, min(start + bs, n))
@@ -320,7 +321,7 @@ def test_decoding_applies_the_runs_latent_scale_bias_and_vae(tmp_path, tiny_vae)
 
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
     noise = torch.stack([torch.randn(4, 2, 2, generator=g) for g in gens])
-    y = torch.from_numpy(sample_ddp.sample_labels(2, 5, 0))
+    y = torch.from_numpy(protocol.sample_labels(2, 5, 0))
     with torch.no_grad():
         z = euler_maruyama_sampler(model.eval(), noise, y, num_steps=2, generator=gens)
         decoded = vae.decode((z - 0.25) / 0.5).sample

@@ -20,6 +20,7 @@ import training
 from checkpoints import load_checkpoint, save_checkpoint
 from dataset import CaptionedDataset, ResumableSampler, caption_choice
 from demo.data import make_captioned_demo_data
+from evaluations import protocol
 from models.text_encoder import MAX_LENGTH, HashTokenizer, TextEncoderNotFoundError, load_text_encoder
 from models.vae import encode_mean_logvar
 from preprocessing import dataset_tools, layout
@@ -288,12 +289,12 @@ def test_mmdit_repa_trains_resumes_bit_exact_samples_and_evaluates(captioned, tm
     assert summary["recipe"]["overridden"] == ["num_steps", "cfg_scale", "guidance_high"]
     model, _ = sample_ddp.load_model(ckpt, use_ema=False)
     tokens = torch.stack([torch.from_numpy(np.load(captioned / "val" / f"{i}_{k}.npy")) for i, k in ids])
-    noise = torch.stack([torch.randn(3, 32, 32, generator=sample_ddp.sample_generator(0, i, "cpu")) for i in range(5)])
+    noise = torch.stack([torch.randn(3, 32, 32, generator=protocol.sample_generator(0, i, "cpu")) for i in range(5)])
     expected = []
     for start in range(0, 5, 2):  # the same batches of 2
-        z = sample_ddp.euler_sampler(model, noise[start : start + 2], tokens[start : start + 2], num_steps=3,
+        z = protocol.euler_sampler(model, noise[start : start + 2], tokens[start : start + 2], num_steps=3,
                                      cfg_scale=2.0, guidance_high=0.7, null_condition=a["empty_context"])  # fmt: skip
-        expected.append(sample_ddp.quantize(z))
+        expected.append(protocol.quantize(z))
     assert np.array_equal(npz["arr_0"], np.concatenate(expected))
     # The CLIP score beside it, of these very samples and captions (random CLIP: the plumbing, not a score).
     from evaluations.clip_score import clip_score

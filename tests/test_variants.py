@@ -10,6 +10,7 @@ import checkpoints
 import sample_ddp
 from checkpoints import load_checkpoint
 from config import load_yaml_config, parse_config
+from evaluations import protocol
 from loss import REPALoss, alignment_loss, spatial_zscore
 from models.dit import DiT
 from models.sit import PROJECTOR_TYPES, SiT, SiT_models, projector_kwargs_from_state_dict, sit_flops
@@ -460,7 +461,7 @@ def test_sample_ddp_samples_reg_checkpoints_with_the_class_token(tmp_path, mode)
         return np.load((tmp_path / name).with_suffix(".npz"))["arr_0"]
 
     images = run("guided", "--cls-cfg-scale", "4")
-    labels = sample_ddp.sample_labels(4, 5, 3)
+    labels = protocol.sample_labels(4, 5, 3)
     expected = []
     for start in (0, 2):
         gens = [torch.Generator().manual_seed(3 * 1_000_003 + i) for i in range(start, start + 2)]
