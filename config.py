@@ -195,7 +195,20 @@ class TrainConfig:
     # ... and on a CPU (with a C++ compiler) too: off by default, since on this project's 2-core CPU the
     # compiled step measured no faster than the eager one (docs/speed.md) and compiling takes minutes.
     compile_cpu: bool = False
-    # --- evaluation (YAML only) ----------------------------------------------------------------------
+    # --- online evaluation during training (evaluations/online.py) --------------------------------------
+    eval_every: int = 0  # optimizer steps between evaluations (and one at the end); 0 = off
+    eval_samples: int = 10_000  # EMA samples per evaluation (the common fast-FID size)
+    eval_batch_size: int = 128  # samples per process and batch
+    eval_reference: str = ""  # the Inception judge's reference: an ADM batch (or its statistics)
+    eval_judge: str = "inception"  # inception (ADM's metrics) | demo (the demo domain's judge in eval_nets)
+    eval_nets: str = "demo/nets"  # --eval-judge demo: folder of the demo's evaluator network
+    eval_weights: str = "pretrained"  # Inception weights: pretrained (the usual places) | PATH | random (tests)
+    eval_mode: str = "ode-heun"  # ode-heun | ode | sde (SiT); ddpm | ddim (DiT)
+    eval_steps: int = 25  # sampler steps (Heun: 25 steps = 49 network evaluations)
+    eval_cfg_scale: float = 1.0
+    eval_seed: int = 0  # the samples' labels and noise: the same set at every evaluation
+    eval_align_images: int = 1024  # training images of the alignment measurements (CKNNA, probe); 0 = off
+    # --- evaluation recipes (YAML only) ---------------------------------------------------------------
     # Named recipes, the first the default of sample_ddp.py: name -> EvalRecipe keys that differ from the
     # model family's protocol, e.g. {"no-cfg": {"paper": "FID 5.9", "at_step": 4000000}}. Saved in checkpoints.
     eval: dict = field(default_factory=dict)
@@ -305,6 +318,28 @@ class TrainConfig:
             )
         if not 0 <= self.cfg_prob < 1:
             raise ValueError(f"config key 'cfg_prob': {self.cfg_prob} must lie in [0, 1)")
+        if self.eval_every < 0 or self.eval_samples < 1 or self.eval_batch_size < 1 or self.eval_steps < 1:
+            raise ValueError(
+                "config keys 'eval_every' (>= 0), 'eval_samples', 'eval_batch_size' and 'eval_steps' (>= 1): got "
+                f"{self.eval_every}, {self.eval_samples}, {self.eval_batch_size}, {self.eval_steps}"
+            )
+        if self.eval_every > 0:
+            modes = ("ddpm", "ddim") if family == "dit" else ("ode-heun", "ode", "sde")
+            if self.eval_mode not in modes:
+                raise ValueError(
+                    f"config key 'eval_mode' (--eval-mode): {self.eval_mode} for {self.model}; use {modes}"
+                )
+            if self.eval_judge not in ("inception", "demo"):
+                raise ValueError(f"config key 'eval_judge' (--eval-judge): {self.eval_judge} is not inception or demo")
+            if self.eval_judge == "inception" and not self.eval_reference:
+                raise ValueError(
+                    "--eval-every needs --eval-reference FILE (an ADM reference batch) for the Inception judge"
+                )
+            if family == "mmdit":
+                raise ValueError(
+                    "--eval-every: online evaluation samples class-conditional models; sample text-to-image "
+                    "checkpoints with sample_ddp.py --coco-dir"
+                )
         _ = self.recipes  # checks the `eval:` section now
 
     @property

@@ -36,6 +36,7 @@ from checkpoints import load_checkpoint, save_checkpoint
 from config import TrainConfig, parse_config
 from dataset import CaptionedDataset, ImageLatentDataset, ResumableSampler
 from diffusion import ddim_sampler
+from evaluations.online import OnlineEvaluation, save_eval_plots
 from models import T2I_MODELS, build_model, model_family
 from models.mmdit import mmdit_flops
 from models.sit import sit_flops
@@ -180,6 +181,7 @@ def save_loss_plot(stats_path: Path, png_path: Path):
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in stats_path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss" in r]  # evaluation lines ({"step", "eval"}) have their own plots
     if not rows:
         return
     steps = [r["step"] for r in rows]
@@ -372,6 +374,23 @@ def checkpoint_state(cfg, step, raw_model, ema, optimizer, scaler, model_kwargs,
     return state
 
 
+def record_evaluation(metrics: dict, stats_path: Path, run_dir: Path, log) -> None:
+    """An evaluation's line in stats.jsonl ({"step", "eval": metrics}), its sample grid and the curves."""
+    from torchvision.utils import save_image
+
+    grid = metrics.pop("_grid")
+    step = metrics.pop("step")
+    with stats_path.open("a") as f:
+        f.write(json.dumps({"step": step, "eval": metrics}) + "\n")
+    if grid is not None:
+        images = torch.from_numpy(grid).permute(0, 3, 1, 2).float() / 255
+        save_image(images, run_dir / "samples" / f"eval_{step:07d}.png", nrow=int(math.sqrt(len(images))) or 1)
+    rows = [json.loads(line) for line in stats_path.read_text().splitlines() if line.strip()]
+    save_eval_plots([{"step": r["step"], **r["eval"]} for r in rows if "eval" in r], run_dir)
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+    log(f"eval at step {step}: {shown}")
+
+
 def stats_line(cfg, step, window, optimizer, window_images, elapsed, position, device, compile_s) -> dict:
     """One stats.jsonl line: the step's window means (TrainStep.read_stats) and the run's counters."""
     nonfinite_steps = window.pop("nonfinite_steps")
@@ -465,6 +484,9 @@ def train(cfg: TrainConfig):
         null_condition=empty_context,
     )  # fmt: skip
     previews = Previews(cfg, dataset, (in_channels, input_side, input_side), cls_token_dim, empty_context, device, is_main, log)  # fmt: skip
+    online = None
+    if cfg.eval_every > 0:  # built before the loop: a missing reference or Inception file stops the run now
+        online = OnlineEvaluation(cfg, device=device, rank=rank, world=world, dataset=dataset, encoders=encoders, log=log, is_main=is_main)  # fmt: skip
 
     # ---- the loop ----
     if accelerator.trackers:
@@ -520,6 +542,13 @@ def train(cfg: TrainConfig):
                     "Lower --learning-rate, use --mixed-precision bf16, or resume from an earlier checkpoint."
                 )
             window_start, window_steps = time.time(), 0
+
+        if online is not None and online.due(step, total_steps):
+            metrics = online(ema, step)  # every process samples its share; the main process gets the metrics
+            if is_main:
+                record_evaluation(metrics, stats_path, run_dir, log)
+                accelerator.log({f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+            accelerator.wait_for_everyone()
 
         if previews.due(step, total_steps):  # from the EMA model
             if is_main:
