@@ -128,3 +128,21 @@ def test_evaluation_is_refused_at_start_up_without_its_files(demo_data, tmp_path
     with pytest.warns(UserWarning, match="RANDOM INCEPTION WEIGHTS"):
         run_train(tiny_argv(demo_data, tmp_path, max_train_steps=2, **eval_flags(reference, "random")))
     assert eval_rows(tmp_path / "run")[-1]["weights"] == "random"
+
+
+def test_the_demo_judge_gives_fd_and_label_accuracy_curves(tmp_path):
+    import shutil
+    import subprocess as sp
+
+    data = tmp_path / "data"
+    sp.run([sys.executable, "-m", "demo", "data", "--out", str(data), "--per-class", "3", "--resolution", "16"],
+           cwd=ROOT, check=True, capture_output=True)  # fmt: skip
+    nets = tmp_path / "nets"  # a copy: the judge writes its held-out real images beside the networks
+    shutil.copytree(ROOT / "demo" / "nets", nets, ignore=shutil.ignore_patterns("data"))
+    argv = tiny_argv(data, tmp_path, model="SiT-S/4", num_classes=10, resolution=16, max_train_steps=2,
+                     checkpointing_steps=2, enc_type="timm:vit_tiny_patch16_224", enc_ckpt=nets / "encoder.pt", enc_weights="pretrained",
+                     **eval_flags("", "random", eval_judge="demo", eval_nets=nets, eval_samples=20, eval_batch_size=10))  # fmt: skip
+    run_train(argv)
+    rows = eval_rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == [2] and 0 <= rows[0]["label_accuracy"] <= 1 and rows[0]["fd"] > 0
+    assert np.isfinite(rows[0]["cknna"]) and (tmp_path / "run" / "fid_vs_step.png").is_file()
