@@ -340,6 +340,7 @@ class CaptionedDataset(Dataset):
                 f"{without_moments[:5]} (an interrupted preprocessing run? rerun the same `dataset_tools.py coco` "
                 "command; pixel-space training (--pixel-space) needs no moments)"
             )
+        self._check_listing(layout.read_captions_json(self.folder), indices, counts)
         if max_items is not None:
             indices = indices[:max_items]
         self.indices = np.array(indices, dtype=np.int64)
@@ -361,6 +362,35 @@ class CaptionedDataset(Dataset):
         if os.path.isfile(meta_path):
             with open(meta_path) as f:
                 self.text_encoder = json.load(f)
+
+    def _check_listing(self, listing: dict | None, indices, counts: dict) -> None:
+        # captions.json names the caption of every token file: a count that differs means the tokens were made
+        # from other captions (a `coco` run of an older version rerun after the annotations changed).
+        if listing is None:
+            return
+        where = os.path.join(self.folder, layout.CAPTIONS_JSON)
+        fix = (
+            "the caption tokens were not made from these captions; rerun the same `dataset_tools.py coco` command "
+            "(it re-encodes changed captions and removes the token files of deleted ones)"
+        )
+        captions = listing["captions"]
+        for index in indices:
+            if index >= len(captions):
+                raise ValueError(f"{where} lists {len(captions)} items, but {self.folder} holds item {index}: {fix}")
+            if len(captions[index]) != counts[index]:
+                raise ValueError(
+                    f"{where} lists {len(captions[index])} caption(s) of item {index}, but {self.folder} holds "
+                    f"{counts[index]} token file(s) {index}_0.npy..{index}_{counts[index] - 1}.npy: {fix}"
+                )
+
+    def caption_texts(self) -> list[list[str]] | None:
+        """Caption k of item i (indexed by item number, gaps included) as captions.json lists it, checked
+        against the token files; None when the split has no captions.json."""
+        listing = layout.read_captions_json(self.folder)
+        self._check_listing(
+            listing, self.indices.tolist(), dict(zip(self.indices.tolist(), self.num_captions.tolist()))
+        )
+        return None if listing is None else listing["captions"]
 
     def _path(self, index: int, caption: int | None = None) -> str:
         name = layout.coco_image_name(index) if caption is None else layout.coco_context_name(index, caption)

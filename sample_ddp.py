@@ -37,6 +37,8 @@ its captions drawn uniformly (here from (seed, i), so any number of processes dr
 against the empty caption's tokens (recorded in the checkpoint, else DATA/empty_context.npy). Prompts are
 encoded by the text encoder the training data was made with (recorded in the checkpoint; --text-encoder
 overrides). arr_1 holds (image index, caption k) pairs, or prompt indices; the captions go to SAMPLES.captions.txt.
+A prompts file is UTF-8 text whose lines end at "\n" (or "\r\n") only, so a form feed or U+2028 inside a line
+stays in its prompt; --coco-dir checks DATA/val/captions.json against the token files before sampling.
 """
 
 import argparse
@@ -156,12 +158,42 @@ def save_npz(path: Path, **arrays):
     os.replace(tmp, path)
 
 
+def read_prompts(path) -> tuple[bytes, list[str]]:
+    """(the file's bytes, its prompts) of a --prompts file: UTF-8 text, one prompt per line.
+
+    Lines end at "\n" (or "\r\n") only: a form feed, U+2028 or another separator that str.splitlines() would
+    break at stays inside its prompt. Each line is stripped of surrounding whitespace; blank lines are skipped.
+    A binary file (NUL bytes, or bytes that are not UTF-8) is refused, naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts {path}: no such file (a text file, one prompt per line)")
+    data = path.read_bytes()
+    what = f"--prompts {path} is not a text file"
+    if b"\0" in data:
+        nul = data.index(b"\0")
+        raise ValueError(f"{what}: it holds NUL bytes (at byte {nul}); give UTF-8 text, one prompt per line")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{what} in UTF-8 (byte {e.start}: {data[e.start : e.start + 8]!r}); save it as UTF-8, one prompt per line"
+        ) from e
+    prompts = [line.removesuffix("\r").strip() for line in text.split("\n")]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError(f"--prompts {path}: no prompts (one per line)")
+    return data, prompts
+
+
 class CaptionConditions:
     """The text condition of every sample of a text-to-image model, a function of (seed, index) only.
 
     --coco-dir: sample i takes val item i (the first N of the split, in order) with caption
     caption_choice(seed, i, its number of captions): one caption per image, drawn uniformly as the official
-    generate_t2i.py draws it. --prompts: sample i takes prompt i % P, encoded by the training data's encoder.
+    generate_t2i.py draws it; captions.json must agree with the token files (CaptionedDataset.caption_texts).
+    --prompts: sample i takes prompt i % P (read_prompts: lines end at "\n" only), encoded by the training
+    data's encoder.
     """
 
     OFFICIAL_NUM_SAMPLES = 40_192  # generate_t2i.py: 314 batches of 128 of COCO val2014's 40,504 images
@@ -184,17 +216,16 @@ class CaptionConditions:
             self.val = CaptionedDataset(args.coco_dir, "val", latents=False, seed=args.global_seed)
             self.default_num_samples = self.OFFICIAL_NUM_SAMPLES
             self.source = {"source": "coco-val", "data": str(Path(args.coco_dir).resolve()), "items": len(self.val)}
+            # Checked against the token files now: a stale folder stops here, not after the samples.
+            self.captions = self.val.caption_texts()
             captions_path = Path(args.coco_dir) / "val" / layout.CAPTIONS_JSON
-            if captions_path.is_file():
-                self.captions = json.loads(captions_path.read_text())["captions"]
+            if self.captions is not None:  # other captions, other tokens: other samples
+                self.source["captions_sha256"] = hashlib.sha256(captions_path.read_bytes()).hexdigest()
             null_path = Path(args.coco_dir) / layout.EMPTY_CONTEXT
         else:
-            text = Path(args.prompts).read_text()
-            self.prompts = [line.strip() for line in text.splitlines() if line.strip()]
-            if not self.prompts:
-                raise ValueError(f"--prompts {args.prompts}: no prompts (one per line)")
+            data, self.prompts = read_prompts(args.prompts)
             self.default_num_samples = len(self.prompts)
-            digest = hashlib.sha256(text.encode()).hexdigest()
+            digest = hashlib.sha256(data).hexdigest()
             self.source = {"source": "prompts", "file": str(Path(args.prompts).resolve()), "sha256": digest}
             recorded = settings.get("text_encoder") or {}
             name = args.text_encoder or recorded.get("name") or "openai/clip-vit-large-patch14"
@@ -307,6 +338,7 @@ def sampling_manifest(args, training: dict, settings: dict, num_classes: int) ->
         "precision": args.precision,
         "quantization": args.quantization,
         **({"compile": True} if args.compile else {}),  # compiled kernels round differently (absent: eager)
+        **({"fused_attn": False} if not args.fused_attn else {}),  # explicit attention too (absent: SDPA)
         **training,
     }
 
@@ -425,7 +457,10 @@ def build_parser():
     )
     # Text-to-image (MMDiT) checkpoints: where the captions come from.
     p.add_argument("--coco-dir", default=None, help="COCO-layout data root: sample from its val captions (official)")
-    p.add_argument("--prompts", default=None, help="text file, one prompt per line: sample i uses prompt i % P")
+    p.add_argument(
+        "--prompts", default=None,
+        help='UTF-8 text file, one prompt per line (split at "\\n" or "\\r\\n" only): sample i uses prompt i %% P',
+    )  # fmt: skip
     p.add_argument("--text-encoder", default=None, help="--prompts: hub name or folder (default: the training data's)")
     p.add_argument("--text-encoder-weights", choices=("pretrained", "random"), default=None)
     p.add_argument("--num-steps", type=positive_int, default=None, help="default: 250; text-to-image: 50")
@@ -636,7 +671,8 @@ def main(argv=None):
         print(f"wrote {npz_path} {arrays.shape}; protocol: {describe_protocol(protocol)}")
         texts = conditions.texts(labels_all) if is_t2i else None
         if texts is not None:  # the caption of every sample, in order (e.g. for CLIP scores)
-            npz_path.with_suffix(".captions.txt").write_text("\n".join(t.replace("\n", " ") for t in texts) + "\n")
+            lines = (t.replace("\r\n", " ").replace("\r", " ").replace("\n", " ") for t in texts)  # one line each
+            npz_path.with_suffix(".captions.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
         if scorer is not None:  # beside FID, as the official generate_t2i.py reports it
             summary["clip_score"] = clip_score(npz_path, scorer=scorer, batch_size=args.batch_size)
             print(f"CLIP score: {summary['clip_score']['clip_score']:.4f} ({summary['clip_score']['clip_model']})")

@@ -12,7 +12,10 @@ with --json, writes them with the settings that produced them.
 
 Reference activations are expensive (10K images through Inception), so they are cached next to the
 reference file as `<name>.refstats-<weights sha>.npz`, keyed on the Inception weights' SHA-256 and
-checked against the reference file's size and modification time.
+checked against the reference file's size and modification time. The cache is written whole (temp file,
+fsync, rename); one that cannot be read (empty, truncated, wrong arrays) is ignored with a warning and rewritten.
+Refused with the file named: a batch of 0 images, stored statistics holding NaN or infinities. A summary JSON
+beside the samples that cannot be read leaves the sampling protocol "unknown".
 """
 
 import argparse
@@ -141,6 +144,8 @@ def open_images(path: Path, key: str = "arr_0"):
                     f"{path}: '{key}' must be uint8 images of shape (N, H, W, 3) as in ADM batches, "
                     f"got dtype {dtype} and shape {shape}"
                 )
+            if shape[0] == 0:  # no statistics, score or mean exists for an empty batch
+                raise ValueError(f"{path}: '{key}' holds 0 images (shape {shape}); give a batch with images")
             yield NpzImages(stream, shape, dtype, path)
 
 
@@ -170,6 +175,11 @@ def precomputed_statistics(path: Path) -> dict[str, np.ndarray]:
                 found[key] = read_array(npz, key, path).astype(np.float64)
                 if found[key].shape != shape:
                     raise ValueError(f"{path}: '{key}' has shape {found[key].shape}, expected {shape}")
+                if not np.isfinite(found[key]).all():  # a FID against NaN statistics is NaN, or worse, a number
+                    bad = int((~np.isfinite(found[key])).sum())
+                    raise ValueError(
+                        f"{path}: '{key}' holds {bad} NaN or infinite value(s); recompute these statistics"
+                    )
     for mean, cov in (("mu", "sigma"), ("mu_s", "sigma_s")):
         if (mean in found) != (cov in found):
             raise ValueError(f"{path}: holds '{mean if mean in found else cov}' without its pair '{cov}'/'{mean}'")
@@ -249,39 +259,76 @@ def reference_cache_path(ref_path: Path, weights_sha256: str) -> Path:
 
 
 def _read_cache(cache_path: Path, ref_path: Path, weights_sha256: str) -> dict[str, np.ndarray] | None:
+    """The cached reference summary, or None: none, stale, or broken (warned; the caller computes and rewrites it)."""
     if not cache_path.is_file():
         return None
     stat = ref_path.stat()
     try:
-        with np.load(cache_path) as npz:
+        with np.load(cache_path, allow_pickle=False) as npz:
             meta_ok = (
                 int(npz["format"]) == CACHE_FORMAT
                 and str(npz["weights_sha256"]) == weights_sha256
                 and int(npz["ref_size"]) == stat.st_size
                 and int(npz["ref_mtime_ns"]) == stat.st_mtime_ns
             )
-            if meta_ok:
-                return {key: npz[key] for key in ("pool", "mu", "sigma", "mu_s", "sigma_s")}
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
-        print(f"ignoring unreadable reference cache {cache_path}: {err}")
+            summary = {key: npz[key] for key in ("pool", "mu", "sigma", "mu_s", "sigma_s")} if meta_ok else None
+        if summary is not None:
+            _check_summary(summary)
+            return summary
+    except Exception as err:  # noqa: BLE001 - any damage (empty, truncated, garbage, wrong arrays): recompute
+        warnings.warn(
+            f"ignoring the broken reference cache {cache_path} ({type(err).__name__}: {err}); recomputing and "
+            "rewriting it",
+            stacklevel=3,
+        )
         return None
     print(f"reference cache {cache_path} is stale (reference file or Inception weights changed); recomputing")
     return None
 
 
+def _check_summary(summary: dict[str, np.ndarray]) -> None:
+    # What the metrics read from a cached summary: the right shapes, finite numbers.
+    n = summary["pool"].shape[0] if summary["pool"].ndim == 2 else 0
+    expected = {"pool": (n, POOL_DIM), "mu": (POOL_DIM,), "sigma": (POOL_DIM, POOL_DIM), "mu_s": (SPATIAL_DIM,)}
+    expected["sigma_s"] = (SPATIAL_DIM, SPATIAL_DIM)
+    for key, shape in expected.items():
+        if summary[key].shape != shape or n == 0:
+            raise ValueError(f"'{key}' has shape {summary[key].shape}, expected {shape} with at least one image")
+        if not np.isfinite(summary[key]).all():
+            raise ValueError(f"'{key}' holds NaN or infinite values")
+
+
 def _write_cache(cache_path: Path, ref_path: Path, weights_sha256: str, summary: dict[str, np.ndarray]) -> None:
+    """Write the cache whole or not at all: to a temp name, flushed to disk (fsync), then renamed over the cache,
+    so a killed run or a crash of the machine never leaves a truncated cache under the final name."""
     stat = ref_path.stat()
     meta = {"format": CACHE_FORMAT, "weights_sha256": weights_sha256}
     meta.update(ref_size=stat.st_size, ref_mtime_ns=stat.st_mtime_ns)
-    partial = cache_path.with_name(cache_path.name + ".partial")
+    partial = cache_path.with_name(f".{cache_path.name}.partial-{os.getpid()}")
     try:
-        with open(partial, "wb") as f:  # written aside, then renamed: an interrupted run leaves no bad cache
+        with open(partial, "wb") as f:
             np.savez(f, **summary, **{k: np.asarray(v) for k, v in meta.items()})
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(partial, cache_path)
+        _fsync_folder(cache_path.parent)  # the rename itself survives a crash
         print(f"cached reference statistics in {cache_path}")
     except OSError as err:
         print(f"could not write reference cache {cache_path} ({err}); continuing without it")
         partial.unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not every system opens folders (Windows): the file itself is on disk
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def reference_summary(
@@ -386,16 +433,26 @@ def describe_protocol(protocol: dict) -> str:
 def sampling_protocol(sample_path) -> dict | None:
     """The protocol sample_ddp.py recorded beside SAMPLES.npz (in SAMPLES.json), if it describes this very
     file: the summary names the .npz's size and modification time, so a batch rewritten since then (or by
-    another tool) is reported as of unknown protocol rather than mislabelled."""
+    another tool) is reported as of unknown protocol rather than mislabelled. A summary that cannot be read
+    or does not hold a protocol describe_protocol can name (damaged, another tool's JSON) counts as none."""
     summary_path = Path(sample_path).with_suffix(".json")
     try:
-        summary = json.loads(summary_path.read_text())
-    except (OSError, json.JSONDecodeError):
+        summary = json.loads(summary_path.read_bytes().decode("utf-8"))
+        stat = Path(sample_path).stat()
+        if not isinstance(summary, dict) or summary.get("npz_identity") != [stat.st_size, stat.st_mtime_ns]:
+            return None
+        protocol = summary.get("protocol")
+        if protocol is None:
+            return None
+        describe_protocol(protocol)  # raises on a protocol that is not one
+        return protocol
+    except (OSError, ValueError):  # no file, not UTF-8, not JSON (ValueError covers both)
         return None
-    stat = Path(sample_path).stat()
-    if not isinstance(summary, dict) or summary.get("npz_identity") != [stat.st_size, stat.st_mtime_ns]:
+    except (TypeError, KeyError, AttributeError, IndexError) as err:
+        warnings.warn(
+            f"{summary_path}: its 'protocol' is malformed ({type(err).__name__}: {err}); protocol unknown", stacklevel=2
+        )
         return None
-    return summary.get("protocol")
 
 
 def format_metrics(results: dict) -> str:
@@ -408,10 +465,13 @@ def format_metrics(results: dict) -> str:
         lines.append(f"{label}: {value if value is not None else 'n/a (reference batch has no arr_0 images)'}")
     if results.get("pipeline", ADM_PIPELINE) != ADM_PIPELINE:
         lines.append(f"Pipeline: {results['pipeline']}")
-    protocol = results.get("sampling_protocol")
+    try:
+        described = describe_protocol(results["sampling_protocol"]) if results.get("sampling_protocol") else None
+    except (TypeError, KeyError, AttributeError, IndexError, ValueError):  # a malformed protocol: unknown
+        described = None
     lines.append(
-        f"Sampling protocol: {describe_protocol(protocol)}"
-        if protocol
+        f"Sampling protocol: {described}"
+        if described
         else "Sampling protocol: unknown (no summary JSON from sample_ddp.py describes this batch)"
     )
     if not results["official_inception_weights"]:

@@ -686,26 +686,78 @@ def encode_targets(args) -> int:
 COCO_SPLITS = {"train": ("train2014", "captions_train2014.json"), "val": ("val2014", "captions_val2014.json")}
 
 
+def _coco_json(annotations: str):
+    """The parsed COCO annotations file; errors name the file and where it breaks."""
+    if not os.path.isfile(annotations):
+        raise FileNotFoundError(f"{annotations}: no such file (COCO's annotations/captions_*2014.json)")
+    with open(annotations, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{annotations} is not UTF-8 text (byte {e.start}: {data[e.start : e.start + 8]!r}); COCO's annotation "
+            "files are UTF-8 JSON: download captions_*2014.json again"
+        ) from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        # An unterminated string runs to the end of the file, as does an error past the last character.
+        truncated = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string")
+        raise ValueError(
+            f"{annotations} is not valid JSON: {e.msg} (line {e.lineno} column {e.colno})"
+            + ("; it ends early (truncated?)" if truncated else "")
+            + "; download or unpack the annotations again"
+        ) from e
+
+
 def read_coco_captions(annotations: str) -> tuple[list[int], list[str], list[list[str]]]:
     """(image ids sorted, their file names, their captions in annotation order) of a COCO captions file.
 
     Item i of the layout is the i-th image in order of COCO image id, and caption k its k-th annotation in
     the file's order: what U-ViT's MSCOCODatabase (pycocotools' imgToAnns) yields, so indices agree with it.
+    An image without captions keeps its index (with an empty caption list; `coco` leaves it as a gap). A
+    malformed entry, a repeated image id or a caption of an unlisted image raises, naming the file and entry.
     """
-    if not os.path.isfile(annotations):
-        raise FileNotFoundError(f"{annotations}: no such file (COCO's annotations/captions_*2014.json)")
-    with open(annotations) as f:
-        meta = json.load(f)
+    meta = _coco_json(annotations)
     if not isinstance(meta, dict) or "images" not in meta or "annotations" not in meta:
         raise ValueError(f"{annotations} is not a COCO captions file (needs 'images' and 'annotations')")
-    files = {image["id"]: image["file_name"] for image in meta["images"]}
+    for key in ("images", "annotations"):
+        if not isinstance(meta[key], list):
+            raise ValueError(f"{annotations}: '{key}' is a {type(meta[key]).__name__}, not a list of entries")
+    files = {}
+    for j, image in enumerate(meta["images"]):
+        entry = f"{annotations}: images[{j}]"
+        if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
+            missing = [k for k in ("id", "file_name") if not isinstance(image, dict) or k not in image]
+            raise ValueError(f"{entry} has no {' or '.join(repr(k) for k in missing)} ({_short(image)})")
+        image_id, name = image["id"], image["file_name"]
+        if not isinstance(image_id, int) or isinstance(image_id, bool) or not isinstance(name, str) or not name:
+            raise ValueError(f"{entry} needs an integer 'id' and a file name 'file_name' ({_short(image)})")
+        if image_id in files:
+            raise ValueError(
+                f"{entry}: image id {image_id} is listed twice ({files[image_id]!r} and {name!r}); item numbers "
+                "follow the image ids, so each must be unique: fix or download the annotations again"
+            )
+        files[image_id] = name
     captions = {image_id: [] for image_id in files}
-    for ann in meta["annotations"]:
+    for j, ann in enumerate(meta["annotations"]):
+        entry = f"{annotations}: annotations[{j}]"
+        if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
+            missing = [k for k in ("image_id", "caption") if not isinstance(ann, dict) or k not in ann]
+            raise ValueError(f"{entry} has no {' or '.join(repr(k) for k in missing)} ({_short(ann)})")
+        if not isinstance(ann["caption"], str):
+            raise ValueError(f"{entry}: 'caption' is a {type(ann['caption']).__name__}, not a string ({_short(ann)})")
         if ann["image_id"] not in captions:
-            raise ValueError(f"{annotations}: annotation {ann.get('id')} names image {ann['image_id']}, not listed")
+            raise ValueError(f"{entry} (id {ann.get('id')}) names image {ann['image_id']!r}, not listed in 'images'")
         captions[ann["image_id"]].append(ann["caption"])
     ids = sorted(files)
     return ids, [files[i] for i in ids], [captions[i] for i in ids]
+
+
+def _short(entry) -> str:
+    text = json.dumps(entry, ensure_ascii=False) if isinstance(entry, (dict, list, str, int, float)) else repr(entry)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 @dataclass
@@ -739,22 +791,77 @@ def _as_list(batch):
     return batch
 
 
-def _coco_outputs_valid(split_dir: str, index: int, n_captions: int, size: int, moments_shape, context_shape):
-    """Every file of item `index` exists and has the right header (resume skips such items)."""
+def _coco_item_state(split_dir: str, index: int, n_captions: int, size: int, moments_shape, context_shape) -> str:
+    """'done' when every file of item `index` exists with the right header, 'tokens' when only caption tokens
+    are missing (a rerun re-encodes them from the captions alone), else 'all' (the item is made afresh)."""
     if not _png_is_valid(os.path.join(split_dir, layout.coco_image_name(index)), size):
-        return False
+        return "all"
     if moments_shape is not None and not _npy_is_valid(
         os.path.join(split_dir, layout.coco_moments_name(index)), moments_shape
     ):
-        return False
-    return all(
-        _npy_is_valid(os.path.join(split_dir, layout.coco_context_name(index, k)), context_shape)
-        for k in range(n_captions)
-    )
+        return "all"
+    tokens = (os.path.join(split_dir, layout.coco_context_name(index, k)) for k in range(n_captions))
+    return "done" if all(_npy_is_valid(path, context_shape) for path in tokens) else "tokens"
+
+
+def _coco_reconcile(split_dir: str, listing: dict) -> dict:
+    """Make the item files already in split_dir agree with `listing` (this run's captions.json), then write it.
+
+    A rerun reuses the files a previous run left, so they must be those of this listing. Compared with the
+    captions.json the folder holds (written by `coco` before any item file, so it names what they were made
+    from): an item whose image id or file name changed loses all its files; an item whose captions changed
+    (edited, added, deleted) loses its caption tokens {i}_{k}.npy, re-encoded by this run; items past the listing
+    and images without captions (gaps) lose all their files. A folder with item files but no readable
+    captions.json (a killed run of an older version) cannot be checked, so all its item files are removed.
+    Returns {"images": items whose files were all removed, "captions": items whose tokens were removed}.
+    """
+    try:
+        previous = layout.read_captions_json(split_dir)
+    except ValueError as err:
+        print(f"{err}; the files it describes cannot be checked and are made afresh")
+        previous = None
+    captions, count = listing["captions"], len(listing["captions"])
+
+    def recorded(key, index):
+        values = (previous or {}).get(key)
+        return values[index] if isinstance(values, list) and index < len(values) else None
+
+    removed = {"images": set(), "captions": set()}
+    for name, index, caption, _ext in layout.coco_files(split_dir):
+        n = len(captions[index]) if index < count else 0
+        if (
+            previous is None
+            or n == 0
+            or any(recorded(k, index) != listing[k][index] for k in ("image_ids", "file_names"))
+        ):
+            removed["images"].add(index)
+        elif caption is not None and (caption >= n or recorded("captions", index) != captions[index]):
+            removed["captions"].add(index)
+        else:
+            continue
+        os.remove(os.path.join(split_dir, name))
+    layout.atomic_write(os.path.join(split_dir, layout.CAPTIONS_JSON), json.dumps(listing).encode())
+    removed["captions"] -= removed["images"]
+    return {key: sorted(value) for key, value in removed.items()}
+
+
+def _write_caption_tokens(encoder, split_dir: str, indices: list, captions: list) -> None:
+    """Encode the captions of items `indices` in one batch; write {i}_{k}.npy for each."""
+    tokens = encoder.encode([c for index in indices for c in captions[index]]).numpy()  # (sum of captions, 77, D)
+    row = 0
+    for index in indices:
+        for k in range(len(captions[index])):
+            layout.atomic_write(os.path.join(split_dir, layout.coco_context_name(index, k)), _npy_bytes(tokens[row]))
+            row += 1
 
 
 def coco(args) -> int:
-    """MS-COCO 2014 -> DEST/{split}/{i}.png, {i}.npy, {i}_{k}.npy and DEST/empty_context.npy."""
+    """MS-COCO 2014 -> DEST/{split}/{i}.png, {i}.npy, {i}_{k}.npy and DEST/empty_context.npy.
+
+    Images without captions are gaps (listed in report.json), as images that cannot be read: item i stays the
+    i-th image by COCO id (U-ViT's numbering). A rerun first brings the files of an earlier run in line with
+    the annotations (see _coco_reconcile): changed captions are re-encoded, deleted ones removed.
+    """
     from models.text_encoder import MAX_LENGTH, load_text_encoder
 
     ranks = Ranks.from_env()
@@ -765,6 +872,10 @@ def coco(args) -> int:
     size = args.resolution
     if size % layout.VAE_FACTOR:
         raise ValueError(f"--resolution={size} is not a multiple of {layout.VAE_FACTOR} (the SD-VAE's factor)")
+    # The annotations first: a broken file stops the run before any model is loaded.
+    annotations = {
+        split: read_coco_captions(os.path.join(args.source, "annotations", COCO_SPLITS[split][1])) for split in splits
+    }
     device = torch.device(args.device or (f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else "cpu"))
     vae = None if args.vae == "none" else load_vae(args.vae, device)
     encoder = load_text_encoder(args.text_encoder, device, args.text_encoder_weights, args.text_width)
@@ -783,7 +894,7 @@ def coco(args) -> int:
 
     for split in splits:
         image_folder, annotation_file = COCO_SPLITS[split]
-        ids, file_names, captions = read_coco_captions(os.path.join(args.source, "annotations", annotation_file))
+        ids, file_names, captions = annotations[split]
         count = len(ids) if args.max_images is None else min(args.max_images, len(ids))
         split_dir = os.path.join(args.dest, split)
         settings = {
@@ -792,18 +903,38 @@ def coco(args) -> int:
             "max_images": args.max_images,
         }  # fmt: skip
         _claim_dest(split_dir, settings, ranks)
-        shard = range(ranks.rank, count, ranks.world_size)
-        pending = [
-            i for i in shard
-            if not _coco_outputs_valid(split_dir, i, len(captions[i]), size, moments_shape, context_shape)
-        ]  # fmt: skip
+        listing = {"image_ids": ids[:count], "file_names": file_names[:count], "captions": captions[:count]}
+        reconciled, problem = None, None
+        if ranks.rank == 0:
+            try:
+                reconciled = _coco_reconcile(split_dir, listing)
+            except OSError as err:
+                problem = f"{split_dir}: cannot bring the files of the previous run in line with the captions: {err}"
+        problem = ranks.gather(problem)[0]  # doubles as the barrier: no rank reads the folder before it is right
+        if problem:
+            raise RuntimeError(problem)
+        if reconciled and (reconciled["images"] or reconciled["captions"]):
+            print(
+                f"coco {split}: the annotations changed since the last run into {split_dir}: removed the caption "
+                f"tokens of {len(reconciled['captions'])} item(s) (encoded again now) and every file of "
+                f"{len(reconciled['images'])} item(s) (other image, no captions or beyond the listing)"
+            )
+        uncaptioned = [i for i in range(count) if not captions[i]]
+        shard = [i for i in range(ranks.rank, count, ranks.world_size) if captions[i]]
+        state = {i: _coco_item_state(split_dir, i, len(captions[i]), size, moments_shape, context_shape) for i in shard}
+        pending = [i for i in shard if state[i] == "all"]
+        retokened = [i for i in shard if state[i] == "tokens"]
         reader = _CocoReader(os.path.join(args.source, image_folder), file_names, pending, size, args.transform)
         loader = torch.utils.data.DataLoader(
             reader, batch_size=args.batch_size, num_workers=args.workers, collate_fn=_as_list
         )
         failed = []
-        progress = tqdm(total=len(shard), initial=len(shard) - len(pending), desc=f"coco {split}", unit="img",
-                        disable=ranks.rank != 0)  # fmt: skip
+        progress = tqdm(total=len(shard), initial=len(shard) - len(pending) - len(retokened), desc=f"coco {split}",
+                        unit="img", disable=ranks.rank != 0)  # fmt: skip
+        for start in range(0, len(retokened), args.batch_size):  # images and moments kept: tokens only
+            indices = retokened[start : start + args.batch_size]
+            _write_caption_tokens(encoder, split_dir, indices, captions)
+            progress.update(len(indices))
         for batch in loader:
             good = [(index, image) for index, image, note in batch if not note]
             failed += [
@@ -813,14 +944,8 @@ def coco(args) -> int:
                 indices = [index for index, _ in good]
                 images = torch.stack([image for _, image in good])
                 moments = encode_mean_logvar(vae, images.to(device)).cpu().numpy() if vae is not None else None
-                texts = [c for index in indices for c in captions[index]]
-                tokens = encoder.encode(texts).numpy()  # (sum of captions, 77, D)
-                row = 0
+                _write_caption_tokens(encoder, split_dir, indices, captions)
                 for j, index in enumerate(indices):
-                    for k in range(len(captions[index])):
-                        name = layout.coco_context_name(index, k)
-                        layout.atomic_write(os.path.join(split_dir, name), _npy_bytes(tokens[row]))
-                        row += 1
                     if moments is not None:
                         name = layout.coco_moments_name(index)
                         layout.atomic_write(os.path.join(split_dir, name), _npy_bytes(moments[j]))
@@ -830,21 +955,28 @@ def coco(args) -> int:
             progress.update(len(batch))
         progress.close()
 
-        everyone = ranks.gather({"failed": failed, "written": len(pending)})
+        everyone = ranks.gather({"failed": failed, "written": len(pending), "retokened": len(retokened)})
         if ranks.rank == 0:
-            failed = sorted((f for o in everyone for f in o["failed"]), key=lambda f: f["index"])
+            unreadable = [f for o in everyone for f in o["failed"]]
+            failed = [{"index": i, "source": file_names[i], "reason": f"no captions in {annotation_file}"}
+                      for i in uncaptioned]  # fmt: skip
+            failed = sorted(failed + unreadable, key=lambda f: f["index"])
             report = {
                 "source": os.path.abspath(args.source), "split": split, "images": count,
-                "kept": count - len(failed), "written": sum(o["written"] for o in everyone) - len(failed),
+                "kept": count - len(failed), "written": sum(o["written"] for o in everyone) - len(unreadable),
+                "captions_encoded_again": sum(o["retokened"] for o in everyone), "without_captions": len(uncaptioned),
                 "failed": failed,
             }  # fmt: skip
             layout.atomic_write(os.path.join(split_dir, "report.json"), json.dumps(report, indent=1).encode())
-            listing = {"image_ids": ids[:count], "file_names": file_names[:count], "captions": captions[:count]}
-            layout.atomic_write(os.path.join(split_dir, layout.CAPTIONS_JSON), json.dumps(listing).encode())
             print(
                 f"coco {split}: {count} images -> {split_dir}: {count - len(failed)} kept, {len(failed)} failed "
                 f"(gaps in the numbering; details in report.json), {sum(len(c) for c in captions[:count])} captions"
             )
+            if uncaptioned:
+                print(
+                    f"  {len(uncaptioned)} image(s) have no captions in {annotation_file} and are left out as gaps, "
+                    f"e.g. image id {ids[uncaptioned[0]]} ({file_names[uncaptioned[0]]})"
+                )
             for f in failed[:10]:
                 print(f"  failed #{f['index']} {f['source']}: {f['reason']}")
         ranks.barrier()

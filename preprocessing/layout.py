@@ -200,7 +200,10 @@ def png_bytes(array: np.ndarray) -> bytes:
 # ROOT/{train,val}/{i}.npy       (2C, H/8, W/8) float32 SD-VAE moments: posterior mean stacked on its *log-variance*
 #                                (the encoder's raw output, as U-ViT stores it; the ImageNet layout stores the std)
 # ROOT/{train,val}/{i}_{k}.npy   (77, D) float32 text tokens of image i's caption k (COCO's annotation order)
-# ROOT/{train,val}/captions.json the caption strings and COCO image ids (ours; the official reader ignores it)
+# ROOT/{train,val}/captions.json the caption strings and COCO image ids (ours; the official reader ignores it):
+#                                caption k of item i is the text of {i}_{k}.npy. `coco` writes it before any item
+#                                file and a rerun first removes files it no longer describes; sampling checks it.
+#                                An image without captions is a gap (no {i}.png), as an unreadable one.
 # The official reader counts items as (#*.npy - #*_*.npy) and captions per item from the {i}_{k} names.
 EMPTY_CONTEXT = "empty_context.npy"
 CAPTIONS_JSON = "captions.json"
@@ -227,22 +230,27 @@ def is_coco_layout(data_dir: str) -> bool:
     )
 
 
+def coco_files(folder: str):
+    """(name, item index, caption k or None, "png"/"npy") of every file of the COCO layout in a split folder."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            match = _COCO_PATTERN.match(entry.name)
+            if match and entry.is_file():
+                caption = match.group(2)
+                yield entry.name, int(match.group(1)), None if caption is None else int(caption), match.group(3)
+
+
 def scan_coco_split(folder: str) -> tuple[set, set, dict]:
     """(indices with an image, indices with moments, {index: number of captions}) of one split folder.
 
     Caption numbers of an item must run 0..n-1 (the official reader draws k in that range); a gap raises.
     """
     images, moments, captions = set(), set(), {}
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            match = _COCO_PATTERN.match(entry.name)
-            if not match:
-                continue
-            index, caption, ext = int(match.group(1)), match.group(2), match.group(3)
-            if caption is not None and ext == "npy":
-                captions.setdefault(index, set()).add(int(caption))
-            elif caption is None:
-                (images if ext == "png" else moments).add(index)
+    for _name, index, caption, ext in coco_files(folder):
+        if caption is not None and ext == "npy":
+            captions.setdefault(index, set()).add(caption)
+        elif caption is None:
+            (images if ext == "png" else moments).add(index)
     counts = {}
     for index, ks in captions.items():
         if ks != set(range(len(ks))):
@@ -252,3 +260,34 @@ def scan_coco_split(folder: str) -> tuple[set, set, dict]:
             )
         counts[index] = len(ks)
     return images, moments, counts
+
+
+def read_captions_json(folder: str) -> dict | None:
+    """The caption listing of a split folder (captions.json), checked; None if the folder has none.
+
+    {"captions": [[str, ...] per item], ...}: item i's caption k is the text of {i}_{k}.npy. `coco` also records
+    "image_ids" and "file_names" (lists as long), the demo set "labels". A listing that is not UTF-8 JSON of
+    that shape raises ValueError naming the file and the entry.
+    """
+    path = os.path.join(folder, CAPTIONS_JSON)
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        data = f.read()
+    fix = "rerun the `dataset_tools.py coco` command that made the folder (it writes the listing again)"
+    try:
+        listing = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); {fix}") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno}); {fix}") from e
+    if not isinstance(listing, dict) or not isinstance(listing.get("captions"), list):
+        raise ValueError(f'{path} has no "captions" list (one list of caption strings per item); {fix}')
+    for index, texts in enumerate(listing["captions"]):
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f'{path}: "captions"[{index}] is {str(texts)[:80]}, not a list of strings; {fix}')
+    for key in ("image_ids", "file_names"):
+        values = listing.get(key)
+        if values is not None and (not isinstance(values, list) or len(values) != len(listing["captions"])):
+            raise ValueError(f'{path}: "{key}" does not list one entry per item of "captions"; {fix}')
+    return listing
