@@ -730,24 +730,37 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.endswith("constants.pkl") or "/code/" in n or n.startswith("code/") for n in archive.namelist())
 
 
-def _file_kind(path: Path) -> str:
-    """What the first bytes of a weights file say it is (for error messages; nothing is loaded)."""
+def _sniff(path: Path) -> tuple[str, bytes]:
+    """("empty" | "zip" | "pickle" | "safetensors" | "unknown", first bytes) of a file; nothing is loaded."""
     with open(path, "rb") as f:
         head = f.read(16)
-    named_safetensors = path.suffix == ".safetensors"
     if not head:
-        return "it is empty (0 bytes)"
+        return "empty", head
     if head.startswith(b"PK\x03\x04"):
-        kind, fits = "a zip archive (torch.save's format)", not named_safetensors
-    elif head[:1] == b"\x80":
-        kind, fits = "a Python pickle (an old torch.save format)", not named_safetensors
-    elif len(head) > 8 and head[8:9] == b"{":
-        kind, fits = "a safetensors file", named_safetensors
-    else:
+        return "zip", head
+    if head[:1] == b"\x80":
+        return "pickle", head
+    if len(head) > 8 and head[8:9] == b"{":  # an 8-byte header length, then the JSON header
+        return "safetensors", head
+    return "unknown", head
+
+
+def _file_kind(path: Path) -> str:
+    """What the first bytes of a weights file say it is, for error messages."""
+    kind, head = _sniff(path)
+    if kind == "empty":
+        return "it is empty (0 bytes)"
+    if kind == "unknown":
         return f"it starts with {head[:8]!r}, which is neither a safetensors header nor a torch.save file"
-    if fits:
-        return f"it starts like {kind}, so it is probably truncated or damaged"
-    return f"it starts like {kind}: name it {'.pt' if named_safetensors else '.safetensors'} if that is what it is"
+    named_safetensors = path.suffix == ".safetensors"
+    described = {
+        "zip": "a zip archive (torch.save's format)",
+        "pickle": "a Python pickle (an old torch.save format)",
+        "safetensors": "a safetensors file",
+    }[kind]
+    if (kind == "safetensors") == named_safetensors:
+        return f"it starts like {described}, so it is probably truncated or damaged"
+    return f"it starts like {described}: name it {'.pt' if named_safetensors else '.safetensors'} if that is what it is"
 
 
 def _read_safetensors(path: Path) -> dict:
@@ -800,8 +813,11 @@ def read_checkpoint(path: str | Path) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights only load failed" not in str(err).lower():
-            raise ValueError(f"weights file {path} is not a readable torch file ({err}); {_file_kind(path)}") from err
+        if "weights only load failed" not in str(err).lower() or _sniff(path)[0] not in ("zip", "pickle"):
+            detail = str(err).strip().splitlines()[0][:200]
+            raise ValueError(
+                f"weights file {path} is not a readable torch file ({detail}); {_file_kind(path)}"
+            ) from err
         raise ValueError(
             f"--enc-ckpt {path}: holds Python objects that a weights-only load refuses ({err}). If you "
             "trust the file, re-save only its state dict: torch.save(<state dict>, 'weights.pth')."
