@@ -646,8 +646,8 @@ def encode_targets(args) -> int:
         pixels = target_cache.shard_pixels_path(args.dest, j)
         if not os.path.isfile(pixels):
             return False
-        with open(pixels, "rb") as f:
-            if f.read() != shard_pixels(j).encode():
+        with open(pixels, "rb") as handle:
+            if handle.read() != shard_pixels(j).encode():
                 print(f"encode-targets: the images of shard {j} (items {shards[j][0]}..{shards[j][1] - 1}) changed: "
                       "encoding it again")  # fmt: skip
                 return False

@@ -8,12 +8,14 @@ Layout of DIR:
     enc0/plain/00001.npy   items [S, 2S), ...; the last shard holds the remainder
     enc0/flip/00000.npy    (with flips) the tokens of the same items' mirrored images, row for row
     enc1/...               the next encoder of a comma-separated --enc-type, same shards
+    pixels/00000.sha256    the pixel hash of shard 0's images (written after its files; a rerun re-encodes a
+                           shard whose images changed)
 Item k is ImageLatentDataset's item k (the k-th image name in sorted order). With flips, dataset index
 N + k, which ImageLatentDataset(flip=True) serves as image k reversed along W, reads row k of enc*/flip:
 the tokens of exactly that mirrored uint8 image. numpy has no bfloat16, so bf16 shards hold the raw 16-bit
 patterns as uint16 and are viewed as torch.bfloat16 on reading.
 
-manifest.json records every key a run is checked against (check_cache):
+manifest.json records every key a run is checked against (DiskTargetCache.check):
   - the encoders (encoder_identity): name, timm architecture and its keywords (act_layer, ...), the input
     normalisation (mean/std), token layout (prefix tokens, final norm), weights source, a SHA-256 of the
     loaded weights, encoder resolution, token grid, tokens, embed dim;
@@ -24,17 +26,22 @@ manifest.json records every key a run is checked against (check_cache):
   - "shards": per shard file, the CRC-32 of each of its rows (8 hex digits a row, in row order).
 A damaged manifest (bad JSON, a missing key, a value of the wrong type) is refused naming the file and the key.
 
-The pixel hash (pixels_sha256): a folder of images is read whole, SHA-256 per file in item order (threads; the
-4000-image 32 px demo set takes ~0.1 s; ImageNet at 256 px, ~250 GB of uncompressed PNGs, is bound by the
-disk: minutes, at each train.py start); a .zip archive is not read at all: its central directory's CRC-32 and
-size of each member (the zip's own content checksums, which zipfile checks on every read) are hashed.
+The pixel hash (pixels_sha256) is computed by encode-targets and again at each train.py start (check): a folder
+of images is read whole, one SHA-256 per file in item order (HASH_THREADS threads). Measured on the shared,
+loaded 2-core test machine with the files in the page cache: the 4000-image 32 px demo set (12.7 MB) in
+~0.2 s; 256 px uncompressed PNGs (197 KB each) at ~1.1 GB/s, so ImageNet (1.28M files, ~250 GB) takes ~4 min
+there, and is bound by the disk on a real node (~1.5-2 min at 2-3 GB/s), on every rank. A .zip archive is
+not read at all: the CRC-32 and size of each member in its central directory (the zip's own content
+checksums, which zipfile checks on every read) are hashed, in milliseconds.
 
 The row checksums are verified as rows are read (DiskTargetCache.__getitem__, in the DataLoader workers), not
-at open: a training run reads each row it uses anyway, and a CRC-32 of a 393 KB DINOv2-B row costs ~0.15 ms
-next to it, while a whole-shard check would make every worker read every shard (random access touches all of
-them within the first steps): 0.5 TB per worker for ImageNet. At open, only every shard file's header and
-size are checked (missing or truncated shards are refused there). Non-finite tokens are refused when written,
-and a non-finite row read from a shard is refused naming the shard, row and item.
+at open: a training run reads each row it uses anyway, and checking a 393 KB DINOv2-B row (CRC-32 and the
+non-finite scan) takes a read from 0.09 to 0.48 ms per item on the same machine (page cache), while a
+whole-shard check would make every worker read every shard (random access touches all of them within the
+first steps): 0.5 TB per worker for ImageNet. At open, only every shard file's header and size are checked
+(missing or truncated shards are refused there). Non-finite tokens are refused when written, and a non-finite
+row read from a shard is refused naming the shard, row and item. Rerunning the same encode-targets command
+re-encodes the shards that fail their checksums (or whose images changed) and keeps the others.
 
 How it relates to train.py's TargetCache (`--cache-targets`): that one keeps tokens in memory, filled
 during the first epoch, in the training precision, for small sets such as the demo. This one is written
