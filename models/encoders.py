@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import pickle
 import warnings
@@ -312,16 +313,18 @@ def timm_spec(
     timm_kwargs: Mapping | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    source: str | None = None,
 ) -> EncoderSpec:
     """The spec of `timm:<model_name>` built with `timm_kwargs`: token layout from the model (built on the
     meta device, so this is cheap at any size), mean/std given or from timm's pretrained config, weights
-    from timm's Hugging Face copy (or its URL) of that model."""
+    from timm's Hugging Face copy (or its URL) of that model. `source` (e.g. "--enc-ckpt PATH"): where the
+    keywords and mean/std come from, named in errors."""
     name = f"{TIMM_PREFIX}{model_name}"
+    where = source or name
     if not timm.is_model(model_name):  # registered names only: `hf-hub:` / `local-dir:` read configs elsewhere
-        raise ValueError(f"{name}: timm has no model {model_name!r} (timm.list_models() lists them)")
-    kwargs = _check_timm_kwargs(timm_kwargs or {}, name)
-    with torch.device("meta"):
-        model = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
+        raise ValueError(f"{where}: timm has no model {model_name!r} (timm.list_models() lists them)")
+    kwargs = _check_timm_kwargs(timm_kwargs or {}, where)
+    model = _meta_timm_model(model_name, kwargs, where)
     patch_embed = getattr(model, "patch_embed", None)
     if not hasattr(patch_embed, "grid_size") or not hasattr(model, "num_prefix_tokens"):
         raise ValueError(
@@ -342,8 +345,8 @@ def timm_spec(
         embed_dim=model.embed_dim,
         patch_size=patch[0],
         num_prefix_tokens=model.num_prefix_tokens,
-        mean=_three_floats(mean if mean is not None else cfg.get("mean", IMAGENET_MEAN), f"{name} mean"),
-        std=_three_floats(std if std is not None else cfg.get("std", IMAGENET_STD), f"{name} std", positive=True),
+        mean=_three_floats(mean if mean is not None else cfg.get("mean", IMAGENET_MEAN), f"{where}: mean"),
+        std=_three_floats(std if std is not None else cfg.get("std", IMAGENET_STD), f"{where}: std", positive=True),
         hub_repo=hub_repo or None,
         release_url=release_url or None,
         release_note=f"timm has no downloadable weights for {model_name}: train one and save it with "
@@ -354,10 +357,46 @@ def timm_spec(
 
 
 def _three_floats(values, what: str, positive: bool = False) -> tuple[float, float, float]:
-    ok = isinstance(values, (list, tuple)) and len(values) == 3 and all(isinstance(v, (int, float)) for v in values)
+    """(R, G, B) as floats: 3 finite numbers (positive ones for a std). NaN or inf would make every target
+    token NaN, and every training step would be skipped."""
+    ok = isinstance(values, (list, tuple)) and len(values) == 3
+    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
     if not ok or (positive and min(values) <= 0):
-        raise ValueError(f"{what} must be 3 {'positive ' if positive else ''}numbers (R, G, B), got {values!r}")
+        raise ValueError(
+            f"{what} must be 3 finite {'positive ' if positive else ''}numbers (R, G, B), got {values!r}: the "
+            "encoder's input normalisation (what its training divided images in [0, 1] by)"
+        )
     return tuple(float(v) for v in values)
+
+
+def _meta_timm_model(model_name: str, kwargs: Mapping, where: str) -> nn.Module:
+    """timm's model on the meta device; keywords timm cannot build with are named (each is tried left out)."""
+
+    def build(keywords: Mapping) -> nn.Module:
+        with torch.device("meta"):
+            return timm.create_model(model_name, pretrained=False, num_classes=0, **keywords)
+
+    try:
+        return build(kwargs)
+    except Exception as err:  # timm raises TypeError, KeyError, AssertionError, RuntimeError ... for bad values
+        culprits = []
+        for key in kwargs:
+            try:
+                build({k: v for k, v in kwargs.items() if k != key})
+                culprits.append(key)
+            except Exception:
+                pass
+        named = (
+            f"keyword {', '.join(f'{k}={kwargs[k]!r}' for k in culprits)}"
+            if culprits
+            else f"the keywords {dict(kwargs)} (together; no single one)"
+        )
+        detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        raise ValueError(
+            f"{where}: timm {model_name} cannot be built with its timm_kwargs: {named} refused by timm "
+            f"({type(err).__name__}{': ' + detail if detail else ''}); fix or drop it and save the encoder again "
+            "(models.encoders.save_timm_encoder checks the keywords against the weights)"
+        ) from err
 
 
 def _check_timm_kwargs(kwargs: Mapping, where: str) -> dict:
@@ -441,7 +480,7 @@ def _timm_file_spec(spec: EncoderSpec, raw: dict, source: str) -> tuple[EncoderS
         )
     if model_name.split(".")[0] != spec.timm_arch.split(".")[0]:  # tags (.lvd142m) only name weights
         raise ValueError(f"{source} holds timm {model_name}, not {spec.timm_arch}: pass --enc-type timm:{model_name}")
-    resolved = timm_spec(model_name, raw.get("timm_kwargs") or {}, raw["mean"], raw["std"])
+    resolved = timm_spec(model_name, raw.get("timm_kwargs") or {}, raw["mean"], raw["std"], source=source)
     return dataclasses.replace(resolved, name=spec.name), raw["state_dict"]
 
 
@@ -691,29 +730,77 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.endswith("constants.pkl") or "/code/" in n or n.startswith("code/") for n in archive.namelist())
 
 
+def _sniff(path: Path) -> tuple[str, bytes]:
+    """("empty" | "zip" | "pickle" | "safetensors" | "unknown", first bytes) of a file; nothing is loaded."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        return "empty", head
+    if head.startswith(b"PK\x03\x04"):
+        return "zip", head
+    if head[:1] == b"\x80":
+        return "pickle", head
+    if len(head) > 8 and head[8:9] == b"{":  # an 8-byte header length, then the JSON header
+        return "safetensors", head
+    return "unknown", head
+
+
+def _file_kind(path: Path) -> str:
+    """What the first bytes of a weights file say it is, for error messages."""
+    kind, head = _sniff(path)
+    if kind == "empty":
+        return "it is empty (0 bytes)"
+    if kind == "unknown":
+        return f"it starts with {head[:8]!r}, which is neither a safetensors header nor a torch.save file"
+    named_safetensors = path.suffix == ".safetensors"
+    described = {
+        "zip": "a zip archive (torch.save's format)",
+        "pickle": "a Python pickle (an old torch.save format)",
+        "safetensors": "a safetensors file",
+    }[kind]
+    if (kind == "safetensors") == named_safetensors:
+        return f"it starts like {described}, so it is probably truncated or damaged"
+    return f"it starts like {described}: name it {'.pt' if named_safetensors else '.safetensors'} if that is what it is"
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as archive:
+            meta = archive.metadata() or {}
+        state = load_file(str(path))
+    except Exception as err:  # SafetensorError (empty, truncated, another format), OSError
+        raise ValueError(
+            f"weights file {path} is not a readable .safetensors file ({type(err).__name__}: {err}); "
+            f"{_file_kind(path)}. It is never loaded as any other format; fetch or save it again"
+        ) from err
+    if meta.get("format") != TIMM_FILE_FORMAT:
+        return state
+    try:  # a save_timm_encoder file: the same dict as its torch form (JSON only: nothing runs)
+        info = {k: json.loads(meta[k]) for k in ("timm_model", "timm_kwargs", "mean", "std")}
+    except (KeyError, TypeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--enc-ckpt {path}: broken {TIMM_FILE_FORMAT} metadata ({err!r})") from err
+    return {**info, "state_dict": state}
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """Load a weights file without running code from it: safetensors or a weights-only torch file.
 
     TorchScript archives are refused: torch.jit.load runs the Python code stored in the archive while it
-    loads, so a weights file could run anything on the training machine."""
+    loads, so a weights file could run anything on the training machine. A file that cannot be read (empty,
+    truncated, another format under the name) is refused naming its path."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--enc-ckpt {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(str(path), framework="pt") as archive:
-            meta = archive.metadata() or {}
-        state = load_file(str(path))
-        if meta.get("format") != TIMM_FILE_FORMAT:
-            return state
-        try:  # a save_timm_encoder file: the same dict as its torch form (JSON only: nothing runs)
-            info = {k: json.loads(meta[k]) for k in ("timm_model", "timm_kwargs", "mean", "std")}
-        except (KeyError, json.JSONDecodeError) as err:
-            raise ValueError(f"--enc-ckpt {path}: broken {TIMM_FILE_FORMAT} metadata ({err!r})") from err
-        return {**info, "state_dict": state}
-    if _is_torchscript(path):
+        return _read_safetensors(path)
+    try:
+        torchscript = _is_torchscript(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as err:  # a damaged zip directory
+        raise ValueError(f"weights file {path} is a damaged zip archive ({err}); fetch or save it again") from err
+    if torchscript:
         raise ValueError(
             f"{path} is a TorchScript archive (as OpenAI's CLIP release ViT-L-14.pt is): loading one runs the code "
             "stored inside it, so it is refused. Convert it to a state dict on a trusted machine with the "
@@ -726,9 +813,20 @@ def read_checkpoint(path: str | Path) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "weights only load failed" not in str(err).lower() or _sniff(path)[0] not in ("zip", "pickle"):
+            detail = str(err).strip().splitlines()[0][:200]
+            raise ValueError(
+                f"weights file {path} is not a readable torch file ({detail}); {_file_kind(path)}"
+            ) from err
         raise ValueError(
             f"--enc-ckpt {path}: holds Python objects that a weights-only load refuses ({err}). If you "
             "trust the file, re-save only its state dict: torch.save(<state dict>, 'weights.pth')."
+        ) from err
+    except Exception as err:  # EOFError (empty), RuntimeError (truncated zip), KeyError / ValueError (garbage)
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise ValueError(
+            f"weights file {path} is not a readable torch file ({type(err).__name__}{': ' + detail if detail else ''}); "
+            f"{_file_kind(path)}. Fetch or save it again"
         ) from err
 
 
@@ -763,12 +861,17 @@ def _mismatch_report(expected: Mapping[str, torch.Tensor], state: Mapping[str, t
     return f"missing {listing(missing)}; unexpected {listing(unexpected)}; wrong shape {listing(misshaped)}"
 
 
-def _load_matching(model: nn.Module, spec: EncoderSpec, raw: dict, source: str) -> None:
-    """Convert `raw` to the model's keys and load it, naming every missing / unexpected / misshaped key."""
+def _load_matching(model: nn.Module, spec: EncoderSpec, raw: dict, source: str, resample: bool = True) -> None:
+    """Convert `raw` to the model's keys and load it, naming every missing / unexpected / misshaped key.
+
+    resample=False (a save_timm_encoder file, which fixes its img_size): a pos_embed of another grid is
+    refused instead of resampled. Non-finite weights are refused (they would make every target NaN)."""
     state = spec.convert(raw)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         top = list(raw)[:8] if isinstance(raw, dict) else type(raw).__name__
         raise ValueError(f"{source}: not a {spec.name} state dict (top-level keys: {top})")
+    if not resample:
+        _check_pos_embed_grid(model, state, source)
     # timm's filters: DINOv2 / OpenAI-CLIP / DINOv3 key conversion and pos_embed resampling to our grid.
     if isinstance(model, timm_eva.Eva):
         state = timm_eva.checkpoint_filter_fn(dict(state), model)
@@ -778,7 +881,37 @@ def _load_matching(model: nn.Module, spec: EncoderSpec, raw: dict, source: str) 
         arch = f"timm {spec.timm_arch}" + (f" with {dict(spec.timm_kwargs)}" if spec.timm_kwargs else "")
         raise ValueError(f"{source}: checkpoint keys do not match {spec.name} ({arch}): {report}")
     state = {k: v for k, v in state.items() if k in model.state_dict()}
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(
+                f"{source}: weight {key} holds non-finite values (NaN or inf): every target token would be NaN and "
+                "every training step skipped; the file is damaged (fetch or save it again)"
+            )
     model.load_state_dict(state, strict=True)
+
+
+def _check_pos_embed_grid(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """A save_timm_encoder file's pos_embed must be its img_size's: such a file is never resampled."""
+    expected, found = getattr(model, "pos_embed", None), state.get("pos_embed")
+    if not isinstance(expected, torch.Tensor) or found is None or found.shape == expected.shape:
+        return
+    patch = model.patch_embed.patch_size[0]
+    img_size = tuple(model.patch_embed.img_size)
+    grid = tuple(model.patch_embed.grid_size)
+    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    positions = found.shape[-2] - prefix if found.ndim == 3 else -1
+    side = math.isqrt(positions) if positions > 0 else 0
+    held = (
+        f"a {side}x{side} patch grid, {side * patch} px at patch {patch}"
+        if side * side == positions
+        else "no square patch grid"
+    )
+    fix = f"save it again with img_size {side * patch}" if side * side == positions else "save it again"
+    raise ValueError(
+        f"{source}: its pos_embed {tuple(found.shape)} holds {held}, but its img_size {img_size[0]} gives a "
+        f"{grid[0]}x{grid[1]} grid (pos_embed {tuple(expected.shape)}); a save_timm_encoder file is used at the size "
+        f"it was trained at and is never resampled: {fix} (the size its weights were trained at)"
+    )
 
 
 #################################################################################
@@ -861,14 +994,15 @@ def build_encoder(
 
     # Resolve weights before building: offline errors come at once, not after a 1B-parameter init.
     raw, source = _fetch_weights(spec, ckpt_path) if enc_weights == "pretrained" else (None, "RANDOM")
-    if _is_timm_file(raw):  # save_timm_encoder's file: its own architecture keywords and mean/std
+    timm_file = _is_timm_file(raw)
+    if timm_file:  # save_timm_encoder's file: its own architecture keywords and mean/std
         spec, raw = _timm_file_spec(spec, raw, source)
     with torch.device("meta" if device.type == "meta" else "cpu"):
         model = _create_model(spec, resolution)
     _check_registry_entry(spec, model)
     _check_token_grid(spec, model, resolution)
     if raw is not None:
-        _load_matching(model, spec, raw, source)
+        _load_matching(model, spec, raw, source, resample=not timm_file)
     else:
         message = (
             f"encoder {spec.name} has RANDOM weights (--enc-weights random): its alignment targets carry no "

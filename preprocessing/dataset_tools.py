@@ -584,6 +584,7 @@ def encode_targets(args) -> int:
     encoders = load_encoders(
         args.enc_type, device, resolution, ckpt_path=args.enc_ckpt or None, enc_weights=args.enc_weights
     )
+    digests = target_cache.image_digests(dataset.images, dataset.image_names.tolist())  # one per image
     manifest = {
         "format": target_cache.FORMAT,
         "version": target_cache.VERSION,
@@ -592,10 +593,21 @@ def encode_targets(args) -> int:
         "dtype": args.dtype,
         "shard_size": args.shard_size,
         "precision": args.precision,  # of the encoder forward; recorded, not checked by train.py
-        "encoders": [target_cache.encoder_identity(enc) for enc in encoders],
-        "dataset": target_cache.dataset_identity(dataset),
+        **target_cache.run_identity(encoders, dataset, digests),  # "encoders", "dataset" (with the pixel hash)
     }
-    _claim_dest(args.dest, {"command": "encode-targets", "source": os.path.abspath(args.source), **manifest}, ranks)
+    # A finished cache's row checksums: a rerun keeps only the shards that still match them (and rewrites the
+    # rest), so rerunning the same command repairs a corrupt shard. Read by every rank before rank 0 removes
+    # the manifest (the cache is unfinished again until this run writes the new one).
+    try:
+        recorded = target_cache.read_manifest(args.dest)["shards"]
+    except (FileNotFoundError, ValueError):  # none, or damaged / older: shards are checked as a killed run's
+        recorded = {}
+    # The job's settings leave the pixel hash out: images fixed or replaced after a killed run are checked per
+    # shard instead (shard_pixels_path), so that finished shards of unchanged images are kept.
+    job = {**manifest, "dataset": {k: v for k, v in manifest["dataset"].items() if k != "pixels_sha256"}}
+    _claim_dest(args.dest, {"command": "encode-targets", "source": os.path.abspath(args.source), **job}, ranks)
+    if ranks.rank == 0 and os.path.isfile(os.path.join(args.dest, target_cache.MANIFEST)):
+        os.remove(os.path.join(args.dest, target_cache.MANIFEST))
 
     # Work unit: one shard (every encoder, plain and flipped); rank r takes shards r, r + world, ...
     shards = target_cache.shard_ranges(items, args.shard_size)
@@ -606,11 +618,47 @@ def encode_targets(args) -> int:
         start, stop = shards[j]
         return stop - start, encoders[e].grid ** 2, encoders[e].embed_dim
 
+    def kept_checksums(e, f, j):
+        """The row checksums of an existing shard file worth keeping: whole, finite, and matching the previous
+        manifest's checksums if there was one; else None (the shard is encoded again)."""
+        path, name = target_cache.shard_path(args.dest, e, f, j), target_cache.shard_name(e, f, j)
+        if not target_cache.shard_is_valid(path, shard_shape(e, j), args.dtype):
+            return None
+        array = np.load(path, mmap_mode="r")
+        sums = target_cache.row_checksums(array)
+        problem = None
+        if name in recorded and sums != recorded[name]:
+            problem = "fails the checksums of the previous manifest.json"
+        elif target_cache.nonfinite_rows(array, args.dtype):
+            problem = "holds non-finite values"
+        del array
+        if problem:
+            print(f"encode-targets: {path} {problem}: encoding it again")
+            return None
+        return sums
+
+    checksums = {}  # shard name -> row checksums, of the shards this rank keeps or writes
+
+    def shard_pixels(j):
+        return target_cache.pixels_sha256(digests[shards[j][0] : shards[j][1]])
+
     def shard_done(j):
-        return all(
-            target_cache.shard_is_valid(target_cache.shard_path(args.dest, e, f, j), shard_shape(e, j), args.dtype)
-            for e, f in outputs
-        )
+        pixels = target_cache.shard_pixels_path(args.dest, j)
+        if not os.path.isfile(pixels):
+            return False
+        with open(pixels, "rb") as handle:
+            if handle.read() != shard_pixels(j).encode():
+                print(f"encode-targets: the images of shard {j} (items {shards[j][0]}..{shards[j][1] - 1}) changed: "
+                      "encoding it again")  # fmt: skip
+                return False
+        kept = {}
+        for e, f in outputs:
+            sums = kept_checksums(e, f, j)
+            if sums is None:
+                return False
+            kept[target_cache.shard_name(e, f, j)] = sums
+        checksums.update(kept)
+        return True
 
     mine = list(range(ranks.rank, len(shards), ranks.world_size))
     pending = [j for j in mine if not shard_done(j)]
@@ -632,8 +680,11 @@ def encode_targets(args) -> int:
         with torch.inference_mode(), autocast:
             # The mirrored view is images.flip(-1), the same uint8 tensor ImageLatentDataset(flip=True) serves.
             tokens = {(e, f): encoders[e].encode(images.flip(-1) if f else images) for e, f in outputs}
-        what = f"{args.dest} items {ks.tolist()}"
-        stored = {key: target_cache.to_storage(t, args.dtype, what) for key, t in tokens.items()}
+        stored = {}
+        for (e, f), t in tokens.items():
+            files = sorted({target_cache.shard_path(args.dest, e, f, k // args.shard_size) for k in ks.tolist()})
+            what = f"{encoders[e].spec.name}{' (mirrored images)' if f else ''} for {', '.join(files)}"
+            stored[e, f] = target_cache.to_storage(t, args.dtype, what, items=ks.tolist())
         for i, k in enumerate(ks.tolist()):
             j = k // args.shard_size
             if errors[i]:
@@ -649,18 +700,23 @@ def encode_targets(args) -> int:
             if filled[j] == shards[j][1] - shards[j][0]:  # complete: write it whole (a shard with a bad image: never)
                 for (e, f), array in buffers.pop(j).items():
                     if j not in broken:
-                        target_cache.write_shard(target_cache.shard_path(args.dest, e, f, j), array)
+                        path = target_cache.shard_path(args.dest, e, f, j)
+                        checksums[target_cache.shard_name(e, f, j)] = target_cache.write_shard(path, array)
+                if j not in broken:  # after the shard's files: which images they were encoded from
+                    layout.atomic_write(target_cache.shard_pixels_path(args.dest, j), shard_pixels(j).encode())
         progress.update(len(ks))
     progress.close()
     seconds = time.perf_counter() - start_time
 
-    everyone = ranks.gather({"failures": failures, "encoded": len(todo)})
+    everyone = ranks.gather({"failures": failures, "encoded": len(todo), "checksums": checksums})
     failures = sorted((f for o in everyone for f in o["failures"]), key=lambda f: f["index"])
     encoded = sum(o["encoded"] for o in everyone)
     if ranks.rank == 0:
         report = {"items": items, "encoded_now": encoded, "failed": failures}
         layout.atomic_write(os.path.join(args.dest, "report.json"), json.dumps(report, indent=1).encode())
         if not failures:  # the manifest last: a cache without one is unfinished and train.py refuses it
+            every = {name: sums for o in everyone for name, sums in o["checksums"].items()}
+            manifest["shards"] = {name: every[name] for name in sorted(every)}
             layout.atomic_write(os.path.join(args.dest, target_cache.MANIFEST), json.dumps(manifest, indent=1).encode())
         rate = f" ({len(todo) / seconds:.1f} img/s on rank 0)" if todo else ""
         names = ",".join(enc.spec.name for enc in encoders)

@@ -409,7 +409,8 @@ def test_encode_targets_round_trips_bit_exact_with_flips(demo_data, tmp_path, dt
     assert manifest["encoders"][0]["weights_sha256"] == weights_sha256(encoder.model)
     assert (manifest["items"], manifest["flip"], manifest["dtype"]) == (24, True, dtype)
     assert manifest["encoders"][0] | {"weights_sha256": None} == dict(
-        name="dinov2-vit-s", timm_arch="vit_small_patch14_dinov2", resolution=64, grid=4, tokens=16, embed_dim=384,
+        name="dinov2-vit-s", timm_arch="vit_small_patch14_dinov2", timm_kwargs={}, resolution=64, grid=4, tokens=16,
+        embed_dim=384, num_prefix_tokens=1, final_norm=True, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
         weights_source="RANDOM", weights_sha256=None,
     )  # fmt: skip
     assert [np.load(p, mmap_mode="r").shape[0] for p in sorted((dest / "enc0" / "plain").iterdir())] == [10, 10, 4]
