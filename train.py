@@ -426,7 +426,9 @@ def train(cfg: TrainConfig):
     # ---- model, encoders and what feeds the alignment ----
     encoders = alignment_encoders(cfg, device, input_side)
     # --target-cache: the encoders' tokens come from disk with each item; checked against this run first.
-    disk_targets = open_target_cache(cfg.target_cache, encoders, dataset, cfg.hflip) if cfg.target_cache else None
+    disk_targets = None
+    if cfg.target_cache:  # the image content is hashed by the main process only (every image file is read)
+        disk_targets = open_target_cache(cfg.target_cache, encoders, dataset, cfg.hflip, verify_pixels=is_main)
     if disk_targets is not None:
         log(f"encoder targets read from {disk_targets.describe()}; the encoders are not run")
     cls_token_dim = encoders[0].embed_dim if cfg.cls > 0 else None  # REG: the first encoder's class token

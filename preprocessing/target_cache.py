@@ -586,12 +586,20 @@ class DiskTargetCache:
         return f"{self.root}: {self.items} items{flips}, {self.dtype}, {encoders}"
 
 
-def open_target_cache(root: str, encoders, dataset, flip: bool) -> DiskTargetCache:
-    """train.py's entry point: the checked cache of `root` for this run's encoders, data and flip setting."""
+def open_target_cache(root: str, encoders, dataset, flip: bool, verify_pixels: bool = True) -> DiskTargetCache:
+    """train.py's entry point: the checked cache of `root` for this run's encoders, data and flip setting.
+
+    verify_pixels: also hash the images (pixels_sha256: every image file is read). train.py asks it of its main
+    process only, so that N processes of a node do not each read the whole image folder."""
     if not encoders:
         raise ValueError(
             f"--target-cache {root} given, but this run has no encoder (--enc-type none or --proj-coeff 0)"
         )
     cache = DiskTargetCache(root)
-    cache.check(encoders, dataset, flip)
+    if verify_pixels:
+        cache.check(encoders, dataset, flip)
+    else:
+        identity = run_identity(encoders, dataset, digests=np.zeros((0, 32), np.uint8))
+        del identity["dataset"]["pixels_sha256"]  # the main process compares it
+        cache.check_identity(identity, flip, data_dir=dataset.data_dir)
     return cache
