@@ -333,6 +333,9 @@ def start_run(cfg: TrainConfig):
             (cfg.run_dir / "samples").mkdir(parents=True, exist_ok=True)
         except RunFolderLocked as e:
             refusal = str(e)
+        except BaseException:
+            lock.release()
+            raise
     if world > 1:
         refusal = broadcast_object_list([refusal])[0]
     if refusal is not None:

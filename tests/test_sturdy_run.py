@@ -66,14 +66,19 @@ def test_a_run_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
     train.RunLock(tmp_path / "run").acquire().release()
 
 
-def test_a_second_training_into_a_locked_folder_is_refused_at_once_and_kill_9_leaves_no_lock(demo_data, tmp_path):
-    # Process 1 holds the run folder's lock, as a training does from its start to its end.
+def hold_lock(run_dir):
+    """Another process that holds the run folder's lock, as a training does from its start to its end."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time, train; lock = train.RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)", str(tmp_path / "run")],  # fmt: skip
+        [sys.executable, "-c", "import sys, time, train; lock = train.RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)", str(run_dir)],  # fmt: skip
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_second_training_into_a_locked_folder_is_refused_at_once_and_kill_9_leaves_no_lock(demo_data, tmp_path):
+    holder = hold_lock(tmp_path / "run")
     try:
-        assert holder.stdout.readline().strip() == "locked"
         # Process 2: a whole training into the same folder (python train.py). Refused at start-up.
         argv = tiny_argv(demo_data, tmp_path, max_train_steps=2, checkpointing_steps=1)
         env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -95,6 +100,24 @@ def test_a_second_training_into_a_locked_folder_is_refused_at_once_and_kill_9_le
     run(tiny_argv(demo_data, tmp_path, max_train_steps=2, checkpointing_steps=2))
     assert [s["step"] for s in stats_lines(tmp_path)] == [1, 2]
     assert (tmp_path / "run" / ".lock").read_text() == ""  # and released it at its end
+
+
+def test_every_rank_of_a_two_process_training_is_refused_by_a_locked_folder(demo_data, tmp_path):
+    # Rank 0 takes the lock and tells the other ranks (a broadcast): all stop, none waits in a collective.
+    holder = hold_lock(tmp_path / "run")
+    try:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "train.py"]
+        cmd += tiny_argv(demo_data, tmp_path, max_train_steps=2, checkpointing_steps=1)
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0
+        refused = f"RunFolderLocked: run folder {tmp_path / 'run'} is in use by another training"
+        for rank in (0, 1):  # each rank raises it (torchrun prefixes a rank's lines with [rankN]:)
+            assert any(line.startswith(f"[rank{rank}]:") and refused in line for line in result.stderr.splitlines()), result.stderr[-4000:]  # fmt: skip
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
 
 
 #################################################################################
