@@ -128,6 +128,9 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints kept on disk (0 keeps all); the latest is never deleted
     resume: str = "auto"  # auto (latest valid checkpoint in the run folder) | none | PATH
     resume_step: int = 0  # official flag: resume from output_dir/exp_name/checkpoints/{step:07d}.pt
+    # A resume whose config differs from the checkpoint's in a key that changes training is refused, naming the
+    # keys; true continues with the change, recorded in stats.jsonl (train.RESUME_FREE_KEYS: keys that may change).
+    allow_config_change: bool = False
     sampling_steps: int = 10_000  # preview grids from the EMA model every this many steps
     preview_num_steps: int = 50  # ODE (Heun) steps for previews
     preview_cfg_scale: float = 1.0

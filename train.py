@@ -16,11 +16,14 @@ the data order and bit for bit on the same setup.
 
 import argparse
 import copy
+import dataclasses
+import fcntl
 import importlib.util
 import json
 import math
 import os
 import re
+import socket
 import sys
 import time
 import warnings
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -55,6 +58,27 @@ from training import (
 )
 
 CHECKPOINT_PATTERN = re.compile(r"^(\d{7})\.pt$")
+clock = time.perf_counter  # the loop's timer for img/s (tests replace it with a controlled one)
+
+# Config keys a resume may change without --allow-config-change: none of them changes a single update of the
+# run. Where and how often the run writes (folder, logging, checkpoints, previews and their decoder, trackers),
+# how long it runs and which checkpoint it continues from, its stop rule for non-finite steps, the evaluation
+# recipes (sample_ddp.py's business), and speed options that compute the same steps: DataLoader workers (the data
+# stream depends on (seed, position) only), torch.compile and the fused attention kernel (same math, other
+# kernels), and where the same encoder tokens come from (--cache-targets keeps them in memory; --target-cache
+# is checked against the run's encoders, weights, resolution, flips and data by open_target_cache). Every other
+# key (model and sizes, encoders, loss, optimiser, batch, schedule, data, seed, precision incl. allow_tf32)
+# changes what the resumed steps compute: refused unless --allow-config-change, then recorded in stats.jsonl.
+RESUME_FREE_KEYS = frozenset(
+    {
+        "output_dir", "exp_name", "report_to", "log_every", "checkpointing_steps", "keep_last", "resume",
+        "resume_step", "sampling_steps", "preview_num_steps", "preview_cfg_scale", "vae", "max_train_steps",
+        "epochs", "max_nonfinite_steps", "num_workers", "compile", "compile_cpu", "fused_attn", "cache_targets",
+        "target_cache", "eval", "allow_config_change",
+    }
+    # online evaluation never changes training (evaluations/online.py): its settings may change on resume
+    | {f.name for f in dataclasses.fields(TrainConfig) if f.name.startswith("eval_")}
+)  # fmt: skip
 
 #################################################################################
 #                                    Helpers                                    #
@@ -105,6 +129,74 @@ class TargetCache:
             for j, i in enumerate(missing):
                 self.store[keys[i]] = [tokens[j] for tokens in fresh]
         return [torch.stack([self.store[k][e] for k in keys]) for e in range(len(self.encoders))]
+
+
+class RunFolderLocked(RuntimeError):
+    """Another training holds the run folder's lock."""
+
+
+class RunLock:
+    """One training per run folder: an exclusive flock on `run_dir/.lock`, taken by the main process at start.
+
+    Two trainings in one folder would both append to stats.jsonl and write, prune and resume from each other's
+    checkpoints; the second is refused at start-up, naming the holder (pid and host, written into the file while
+    the lock is held). The kernel drops the lock when its holder exits, however it ends (kill -9 included): no
+    stale lock to remove by hand. The file itself stays (removing it would race with the next run's open).
+    flock is per host on local file systems; on NFS, Linux maps it to a byte-range lock the server arbitrates.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.path, self.file = Path(run_dir), Path(run_dir) / ".lock", None
+
+    def acquire(self) -> "RunLock":
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        file = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), "r+")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = file.read().strip()
+            file.close()
+            try:
+                who = json.loads(holder)
+                who = f"pid {who['pid']} on host {who['host']}"
+            except (ValueError, KeyError, TypeError):
+                who = "a process that has not written its pid yet"
+            raise RunFolderLocked(
+                f"run folder {self.run_dir} is in use by another training ({who}; lock file {self.path}). Two "
+                "trainings in one folder would write the same stats.jsonl and checkpoints. Wait for it to end or stop "
+                "it, or train into another folder (--exp-name / --output-dir)."
+            ) from None
+        file.seek(0)
+        file.truncate()
+        file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+        file.flush()
+        self.file = file
+        return self
+
+    def release(self):
+        if self.file is not None:
+            self.file.truncate(0)  # no holder named once released
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+
+
+def config_changes(saved: dict | None, cfg: TrainConfig) -> dict:
+    """{key: (old, new)} for every config key whose value differs from the checkpoint's saved config. A key the
+    checkpoint does not record (written before the key existed) had its default then; keys it records that no
+    longer exist are ignored. No saved config (an official checkpoint): nothing to compare, {}."""
+    if saved is None:
+        return {}
+    defaults, current = TrainConfig().to_dict(), cfg.to_dict()
+    return {
+        key: (saved.get(key, defaults[key]), value)
+        for key, value in current.items()
+        if saved.get(key, defaults[key]) != value
+    }
+
+
+def describe_changes(changes: dict) -> str:
+    return ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -159,18 +251,23 @@ def load_preview_decoder(cfg: TrainConfig, device, log):
 
 def clean_run_folder(run_dir: Path, start_step: int, log) -> None:
     """Undo what a killed or rewound run left behind: temporary checkpoint files of an interrupted write, and
-    stats.jsonl lines past the step this run starts from (they would be logged again: one line per step)."""
+    stats.jsonl lines past the step this run starts from (they would be logged again: one line per step), and
+    config-change records at that step (this start records its own, resume_state's `config_change`)."""
     for tmp in (run_dir / "checkpoints").glob(".*.pt.*.tmp"):
         tmp.unlink(missing_ok=True)
         log(f"removed {tmp}, left by a checkpoint write that was interrupted")
     stats_path = run_dir / "stats.jsonl"
     if stats_path.exists():
         lines = stats_path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= start_step]
+        kept = [line for line in lines if line.strip() and stats_line_kept(json.loads(line), start_step)]
         if len(kept) != len(lines):
             tmp = stats_path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(kept))
             os.replace(tmp, stats_path)
+
+
+def stats_line_kept(row: dict, start_step: int) -> bool:
+    return row["step"] < start_step or row["step"] == start_step and "config_change" not in row
 
 
 def save_loss_plot(stats_path: Path, png_path: Path):
@@ -181,7 +278,7 @@ def save_loss_plot(stats_path: Path, png_path: Path):
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in stats_path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "loss" in r]  # evaluation lines ({"step", "eval"}) have their own plots
+    rows = [r for r in rows if "loss" in r]  # not the evaluation lines or the config-change records
     if not rows:
         return
     steps = [r["step"] for r in rows]
@@ -197,7 +294,9 @@ def save_loss_plot(stats_path: Path, png_path: Path):
 
 
 def start_run(cfg: TrainConfig):
-    """The processes and the run folder: (accelerator, log). `log` prints on the main process only."""
+    """The processes and the run folder: (accelerator, log, lock). `log` prints on the main process only; `lock`
+    (RunLock) is the run folder's, held by the main process until train() releases it. config.yaml is written
+    once the resume is checked (write_run_config)."""
     launched_world = int(os.environ.get("WORLD_SIZE", 1))
     accelerator = Accelerator(
         # Without CUDA, accelerate joins torchrun's processes only when told the run is on the CPU (gloo);
@@ -230,10 +329,33 @@ def start_run(cfg: TrainConfig):
     # --batch-size keeps the official meaning: images per micro-step over all processes.
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    # One training per run folder: the main process locks it; every rank hears whether it could.
+    lock, refusal = RunLock(cfg.run_dir), None
     if accelerator.is_main_process:
-        (cfg.run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        (cfg.run_dir / "config.yaml").write_text(cfg.to_yaml())
-    return accelerator, log
+        try:
+            lock.acquire()
+            (cfg.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        except RunFolderLocked as e:
+            refusal = str(e)
+        except BaseException:
+            lock.release()
+            raise
+    if world > 1:
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        lock.release()
+        raise RunFolderLocked(refusal)
+    return accelerator, log, lock
+
+
+def write_run_config(cfg: TrainConfig, stats_path: Path, step: int, config_change: dict):
+    """config.yaml (this run's config) and, after a resume with --allow-config-change, the change as a stats.jsonl
+    record {"step": N, "config_change": {key: [old, new]}} at the step the changed config starts from."""
+    (cfg.run_dir / "config.yaml").write_text(cfg.to_yaml())
+    if config_change:
+        record = {"step": step, "config_change": {key: [old, new] for key, (old, new) in config_change.items()}}
+        with stats_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def load_data(cfg: TrainConfig, device):
@@ -332,19 +454,43 @@ class Previews:
 
 def resume_state(cfg: TrainConfig, model, ema, optimizer, effective_batch: int, log) -> dict:
     """Load the checkpoint to resume from (if any) into model, EMA and optimizer, before they are wrapped, so
-    every rank loads the same state: {step, nonfinite_steps, position (items drawn, all ranks), scaler}."""
-    state = {"step": 0, "nonfinite_steps": 0, "position": 0, "scaler": None}
+    every rank loads the same state: {step, nonfinite_steps, position (items drawn, all ranks), scaler,
+    config_change}.
+
+    The checkpoint's saved config is compared with this run's: a change of a key outside RESUME_FREE_KEYS is
+    refused, naming the keys, unless --allow-config-change; then it is returned as `config_change`
+    ({key: (old, new)}) for the run to record. Changes of free keys are only logged."""
+    state = {"step": 0, "nonfinite_steps": 0, "position": 0, "scaler": None, "config_change": {}}
     resume_path, ckpt = find_resume_checkpoint(cfg, log)
     if ckpt is None:
         return state
+    changes = config_changes(ckpt.get("config"), cfg)
+    training_changes = {key: change for key, change in changes.items() if key not in RESUME_FREE_KEYS}
     try:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
     except RuntimeError as e:
+        differs = f" It was trained with {describe_changes(training_changes)}." if training_changes else ""
         raise RuntimeError(
             f"{resume_path} does not fit --model {cfg.model} with this config (encoders, encoder_depth, "
-            f"size overrides); resume with the run's own config.yaml or pass --resume none.\n{e}"
+            f"size overrides).{differs} Resume with the run's own config.yaml or pass --resume none.\n{e}"
         ) from e
+    if training_changes and not cfg.allow_config_change:
+        raise ValueError(
+            f"resuming from {resume_path} with another config than it was trained with: "
+            f"{describe_changes(training_changes)} (checkpoint -> this run). Resumed steps would train another "
+            "experiment than config.yaml and the checkpoints say. Resume with the run's own settings (its "
+            "config.yaml), pass --allow-config-change true to continue with the change (recorded in stats.jsonl, "
+            "config.yaml rewritten), or --resume none to start over."
+        )
+    if changes.keys() - training_changes.keys():
+        free = {key: change for key, change in changes.items() if key not in training_changes}
+        log(f"resuming with changed settings that do not change training: {describe_changes(free)}")
+    if training_changes:
+        log(f"--allow-config-change: resuming with {describe_changes(training_changes)}")
+        state["config_change"] = training_changes
+    if ckpt.get("config") is None:
+        log(f"{resume_path} records no config of this project (an official checkpoint?): the config is not compared")
     optimizer.load_state_dict(ckpt["opt"])
     step = int(ckpt["steps"])
     state.update(step=step, nonfinite_steps=int(ckpt.get("nonfinite_steps", 0)), scaler=ckpt.get("scaler"))
@@ -391,14 +537,18 @@ def record_evaluation(metrics: dict, stats_path: Path, run_dir: Path, log) -> No
     log(f"eval at step {step}: {shown}")
 
 
-def stats_line(cfg, step, window, optimizer, window_images, elapsed, position, device, compile_s) -> dict:
-    """One stats.jsonl line: the step's window means (TrainStep.read_stats) and the run's counters."""
+def stats_line(cfg, step, window, window_steps, optimizer, timed_images, elapsed, position, device, compile_s) -> dict:
+    """One stats.jsonl line: the window's means (TrainStep.read_stats) over its `window_steps` optimizer steps,
+    and the run's counters. Windows end at multiples of log_every (and the last step); the first one after a
+    start or resume holds only the steps this process ran, window_steps says how many. img/s: the images of the
+    timed steps over their wall time (timed from the window's first step: start-up and compilation excluded)."""
     nonfinite_steps = window.pop("nonfinite_steps")
     return {
         "step": step,
         **window,
+        "window_steps": window_steps,
         "lr": optimizer.param_groups[0]["lr"],
-        "img_per_s": window_images / max(elapsed, 1e-9),
+        "img_per_s": timed_images / max(elapsed, 1e-9),
         "images_seen": position,
         "peak_mem_gib": peak_memory_gib(device),
         "nonfinite_steps": nonfinite_steps,
@@ -412,7 +562,15 @@ def stats_line(cfg, step, window, optimizer, window_images, elapsed, position, d
 
 
 def train(cfg: TrainConfig):
-    accelerator, log = start_run(cfg)
+    """Train as configured: (raw model, EMA). The run folder stays locked (RunLock) until it returns or raises."""
+    accelerator, log, lock = start_run(cfg)
+    try:
+        return run_training(cfg, accelerator, log)
+    finally:
+        lock.release()
+
+
+def run_training(cfg: TrainConfig, accelerator, log):
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     is_main, run_dir = accelerator.is_main_process, cfg.run_dir
     micro_global = cfg.batch_size  # an optimizer step averages gradient_accumulation_steps micro-steps
@@ -463,8 +621,10 @@ def train(cfg: TrainConfig):
     # ---- checkpoint state: resume before wrapping, so every rank loads the same state ----
     resumed = resume_state(cfg, model, ema, optimizer, effective_batch, log)
     step, position = resumed["step"], resumed["position"]
+    stats_path = run_dir / "stats.jsonl"
     if is_main:
         clean_run_folder(run_dir, step, log)
+        write_run_config(cfg, stats_path, step, resumed["config_change"])
     model, optimizer = accelerator.prepare(model, optimizer)
     if resumed["scaler"] is not None and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(resumed["scaler"])
@@ -493,14 +653,17 @@ def train(cfg: TrainConfig):
     # ---- the loop ----
     if accelerator.trackers:
         accelerator.init_trackers(cfg.exp_name, config=cfg.to_dict())
-    stats_path = run_dir / "stats.jsonl"
-    window_start, window_steps = time.time(), 0  # img/s over the current logging interval
+    # The logging window: the steps since the last line (window_steps, whose means the line holds) and, for img/s,
+    # the steps timed (timed_steps) since window_start, which is set when the window's first step begins.
+    window_start, window_steps, timed_steps = None, 0, 0
     compile_s = None  # the first step's wall time when compiling (compilation dominates it)
     data_iter = iter(loader)
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
     model.train()
     alignment_stopped = False
     while step < total_steps:
+        if window_start is None:
+            window_start = clock()
         # HASTE's one-shot termination (alignment_on): free the encoder once, when the step reaches the stop.
         if not alignment_on(cfg, step) and encoders and not alignment_stopped:
             alignment_stopped = True
@@ -520,19 +683,20 @@ def train(cfg: TrainConfig):
             continue  # fp16 loss-scale overflow: the scaler lowered its scale; not a training step
         step += 1
         window_steps += 1
+        timed_steps += 1
         progress.update(1)
         if first:  # compilation happened in this step: report it apart, keep it out of img/s
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            compile_s = time.time() - window_start
+            compile_s = clock() - window_start
             log(f"torch.compile ({compile_note}): first step took {compile_s:.1f}s")
-            window_start, window_steps = time.time(), 0
+            window_start, timed_steps = clock(), 0
 
         # Logging: means over the window, all ranks (the one sync of the loop).
         if step % cfg.log_every == 0 or step == total_steps:
             window = train_step.read_stats()
-            elapsed = time.time() - window_start
-            stats = stats_line(cfg, step, window, optimizer, window_steps * effective_batch, elapsed, position, device, compile_s)  # fmt: skip
+            elapsed = clock() - window_start
+            stats = stats_line(cfg, step, window, window_steps, optimizer, timed_steps * effective_batch, elapsed, position, device, compile_s)  # fmt: skip
             if is_main:
                 with stats_path.open("a") as f:
                     f.write(json.dumps(stats) + "\n")
@@ -543,7 +707,7 @@ def train(cfg: TrainConfig):
                     f"{stats['nonfinite_steps']} optimizer steps had a non-finite loss and were skipped; stopping. "
                     "Lower --learning-rate, use --mixed-precision bf16, or resume from an earlier checkpoint."
                 )
-            window_start, window_steps = time.time(), 0
+            window_start, window_steps, timed_steps = clock(), 0, 0
 
         if online is not None and online.due(step, total_steps):
             metrics = online(ema, step)  # every process samples its share; the main process gets the metrics
