@@ -59,7 +59,8 @@ class EvalRecipe:
     SAMPLING_KEYS += ("num_fid_samples", "labels", "use_ema", "quantization")  # = sample_ddp.py's flags
 
     def __post_init__(self):
-        choices = {"mode": ("sde", "ode", "ddpm", "ddim"), "labels": ("random", "balanced")}  # per family: below
+        modes = tuple(sorted({m for family_modes in SAMPLING_MODES.values() for m in family_modes}))
+        choices = {"mode": modes, "labels": ("random", "balanced")}  # per family: eval_recipes
         choices["quantization"] = ("repa", "dit")
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

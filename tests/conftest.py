@@ -86,3 +86,21 @@ def random_inception_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / WEIGHTS_FILENAME
     torch.save(state, path)
     return path
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    """recorder() -> a fresh tests.test_train_loop.Recorder for the next run (the previous one stops recording)."""
+    from tests.test_train_loop import Recorder
+
+    made = []
+
+    def make(**kwargs):
+        if made:
+            made[-1].close()
+        made.append(Recorder(monkeypatch, **kwargs))
+        return made[-1]
+
+    yield make
+    if made:
+        made[-1].close()

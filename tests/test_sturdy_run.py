@@ -26,25 +26,9 @@ import train
 from config import TrainConfig
 from loss import REPALoss
 from tests.test_train import ROOT, tiny_argv
-from tests.test_train_loop import Recorder, checkpoint, run
+from tests.test_train_loop import checkpoint, run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture
-def recorder(monkeypatch):
-    """recorder() -> a test_train_loop.Recorder for the next run (as test_train_loop's fixture)."""
-    made = []
-
-    def make(**kwargs):
-        if made:
-            made[-1].close()
-        made.append(Recorder(monkeypatch, **kwargs))
-        return made[-1]
-
-    yield make
-    if made:
-        made[-1].close()
 
 
 def stats_lines(out_dir, exp_name="run"):

@@ -199,22 +199,6 @@ class Recorder:
         rec.weights.append(snapshot(rec.model))
 
 
-@pytest.fixture
-def recorder(monkeypatch):
-    """recorder() -> a fresh Recorder for the next run (the previous one stops recording)."""
-    made = []
-
-    def make(**kwargs):
-        if made:
-            made[-1].close()
-        made.append(Recorder(monkeypatch, **kwargs))
-        return made[-1]
-
-    yield make
-    if made:
-        made[-1].close()
-
-
 def run(argv):
     """train.train() on a fresh accelerate state; returns (model, ema)."""
     from accelerate.state import AcceleratorState, GradientState
